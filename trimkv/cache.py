@@ -1,0 +1,379 @@
+"""A KV cache with a hard memory bound, as a transformers `Cache` that stock `generate` drives.
+
+Storage: each layer preallocates `memory_size + buffer_size` slots per (sequence, KV head) for keys,
+values, original positions and the per-token signals the policy needs (e.g. log beta). Slots of a
+row are compacted: entries [0, count_b) are its cached tokens in position order, the rest are empty.
+Every layer and head of a row holds the same count (eviction keeps top-M per head), so one attention
+mask serves the whole model.
+
+Mechanics (one forward pass = prefill chunk or decode step), following the released TRIM-KV code:
+1. the new tokens of a row (padding dropped: padding never occupies budget) go after its cached
+   ones; attention sees all of them;
+2. when a row's count reaches `memory_size + buffer_size`, it is compressed back to `memory_size`:
+   per KV head the top-M by the policy's score, `sink` first and `window` last tokens forced in.
+If the new tokens fit in the free slots they are written in place and compression happens at the end
+of the pass; a long prompt that does not fit is attended as a transient union of cached + new keys
+and compressed straight into the slots, so storage never grows.
+
+Because kept positions are no longer contiguous, the model's own mask cannot describe the cache: the
+hooks installed by `trimkv.prepare(model)` hand the cache the 2-D padding mask at the start of each
+forward and pass the 4-D mask it builds (`begin_forward`) to every layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from trimkv.policies import CacheView, Policy, get_policy
+
+GROW = 256  # an unbounded (full) cache grows its slots in steps of at least this many, doubling
+
+
+@dataclass
+class _Plan:
+    """What one forward pass does to every layer; the same for all layers."""
+
+    order: torch.Tensor  # (B, q) indices of the new tokens, real ones first in order
+    n_real: torch.Tensor  # (B,) real new tokens per row
+    count_before: torch.Tensor  # (B,) cached entries per row before this pass
+    count_union: torch.Tensor  # (B,) entries attended this pass
+    compress: torch.Tensor  # (B,) rows compressed back to memory_size after this pass
+    width: int  # K, key length returned to attention
+    all_real: bool  # no padding among the new tokens
+    t: torch.Tensor  # (B, 1, 1) tokens seen after this pass + 1: the step scores are taken at
+    seen_after: torch.Tensor  # (B,)
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's slots. Plain tensors; the owning BoundedCache does all the bookkeeping."""
+
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.positions: torch.Tensor | None = None  # (B, H, S) long
+        self.extras: dict[str, torch.Tensor] = {}  # name -> (B, H, S) float32
+
+    def lazy_initialization(self, key_states, value_states, slots: int = 0, extras=()) -> None:
+        B, H, _, D = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.keys = key_states.new_zeros(B, H, slots, D)
+        self.values = value_states.new_zeros(B, H, slots, value_states.shape[-1])
+        self.positions = torch.full((B, H, slots), -1, dtype=torch.long, device=self.device)
+        self.extras = {name: torch.zeros(B, H, slots, device=self.device) for name in extras}
+        self.is_initialized = True
+
+    @property
+    def slots(self) -> int:
+        return self.keys.shape[2]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "values": self.values, "positions": self.positions, **self.extras}
+
+    def assign(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.keys, self.values, self.positions = tensors["keys"], tensors["values"], tensors["positions"]
+        self.extras = {k: v for k, v in tensors.items() if k not in ("keys", "values", "positions")}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values()) if self.is_initialized else 0
+
+    # The owning cache implements the transformers entry points; a layer on its own is not usable.
+    def update(self, *args, **kwargs):
+        raise RuntimeError("SlotLayer is driven by BoundedCache.update")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.slots + query_length, 0
+
+    def get_seq_length(self) -> int:
+        raise RuntimeError("use BoundedCache.get_seq_length")
+
+    def get_max_length(self) -> int:
+        return self.slots
+
+
+def _gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t (B, H, N[, D]) gathered along N with index (B, H, M) -> (B, H, M[, D])."""
+    if t.dim() == 4:
+        index = index.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])
+    return t.gather(2, index)
+
+
+class BoundedCache(Cache):
+    """See the module docstring. Build it with `trimkv.make_cache`."""
+
+    is_compileable = False
+
+    def __init__(self, policy: Policy, memory_size: int | None, buffer_size: int = 0, sink: int = 0, window: int = 0):
+        super().__init__(layers=[])
+        self.policy = policy
+        self.memory_size = memory_size if policy.bounded else None
+        self.buffer_size = buffer_size
+        self.sink, self.window = sink, window
+        self.seen_total = 0  # columns processed, padding included: what generate slices inputs by
+        self.seen: torch.Tensor | None = None  # (B,) real tokens seen per row
+        self.count: torch.Tensor | None = None  # (B,) entries cached per row, every layer and head
+        self._plan: _Plan | None = None
+        self._staged: dict[int, dict[str, torch.Tensor]] = {}
+
+    # ---- what the model hooks call ----
+
+    def begin_forward(self, attention_mask: torch.Tensor | None, batch: int, q_len: int, device, mask_format: str,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """Plan this pass from the 2-D padding mask and return the 4-D attention mask for every layer."""
+        if self._plan is not None:
+            raise RuntimeError("BoundedCache: a forward pass began before the previous one ended")
+        real = torch.ones(batch, q_len, dtype=torch.bool, device=device)
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError("BoundedCache needs a 2-D padding mask (batch, seen + new), not a prepared 4-D mask")
+            real = attention_mask[:, -q_len:].to(device=device, dtype=torch.bool)
+        if self.seen is None:
+            self.seen = torch.zeros(batch, dtype=torch.long, device=device)
+            self.count = torch.zeros(batch, dtype=torch.long, device=device)
+        elif self.seen.shape[0] != batch:
+            raise ValueError(f"BoundedCache holds a batch of {self.seen.shape[0]}, got {batch}; use a new cache")
+
+        n_real = real.sum(1)
+        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+        count_union = self.count + n_real
+        width = max(int(count_union.max()), 1)
+        if self.memory_size is None:
+            compress = torch.zeros_like(count_union, dtype=torch.bool)
+        else:
+            compress = count_union >= self.memory_size + self.buffer_size
+        seen_after = self.seen + n_real
+        self._plan = _Plan(order, n_real, self.count, count_union, compress, width, bool(real.all()),
+                           (seen_after + 1).view(-1, 1, 1), seen_after)
+
+        # Query j of row b sees its cached entries and the row's real new tokens up to itself. A padding
+        # query sees at least one slot so no softmax row is empty (its output is discarded anyway).
+        upto = self.count[:, None] + real.long().cumsum(1)  # (B, q)
+        upto = upto.clamp(min=1)
+        allowed = torch.arange(width, device=device)[None, None, :] < upto[:, :, None]  # (B, q, K)
+        allowed = allowed[:, None]  # (B, 1, q, K)
+        if mask_format == "bool":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+    def stage(self, layer_idx: int, name: str, value: torch.Tensor) -> None:
+        """Per-token signal for the new tokens of this pass, (B, q, H_kv), e.g. the gate's log beta."""
+        self._staged.setdefault(layer_idx, {})[name] = value
+
+    def end_forward(self) -> None:
+        plan = self._plan
+        if plan is None:
+            return
+        if self.memory_size is not None and bool(plan.compress.any()) and plan.width <= self.slots:
+            # New tokens were written in place and some rows reached memory + buffer: compress them.
+            for layer in self.layers:
+                self._compress_into(layer, layer.tensors(), plan)
+        if self.memory_size is not None:
+            self.count = torch.where(plan.compress, torch.full_like(plan.count_union, self.memory_size),
+                                     plan.count_union)
+        else:
+            self.count = plan.count_union
+        self.seen = plan.seen_after
+        self.seen_total += plan.order.shape[1]
+        self._plan = None
+        self._staged.clear()
+
+    # ---- transformers Cache API ----
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError(
+                "BoundedCache was called by a model without trimkv hooks: "
+                "call trimkv.prepare(model) (or trimkv.attach_gates / trimkv.load_pretrained) first"
+            )
+        while len(self.layers) <= layer_idx:
+            self.layers.append(SlotLayer())
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states, self._initial_slots(plan.width), self.policy.needs)
+        new = self._new_tokens(layer_idx, key_states, value_states, plan)
+
+        if plan.width > layer.slots and self.memory_size is None:
+            self._grow(layer, plan.width)
+        if plan.width <= layer.slots:
+            if plan.all_real:  # decode: scatter each row's new tokens to its first free slots
+                q = key_states.shape[2]
+                dst = (plan.count_before[:, None] + torch.arange(q, device=key_states.device))  # (B, q)
+                dst = dst[:, None, :].expand(-1, key_states.shape[1], -1)  # (B, H, q)
+                for name, stored in layer.tensors().items():
+                    index = dst.unsqueeze(-1).expand(-1, -1, -1, stored.shape[-1]) if stored.dim() == 4 else dst
+                    stored.scatter_(2, index, new[name])
+            else:
+                merged = self._merge(layer, new, plan)
+                for name, stored in layer.tensors().items():
+                    stored[:, :, : plan.width].copy_(merged[name])
+            return layer.keys[:, :, : plan.width], layer.values[:, :, : plan.width]
+
+        # Does not fit: attend the transient union, compress it straight into the slots.
+        merged = self._merge(layer, new, plan)
+        self._compress_into(layer, merged, plan)
+        return merged["keys"], merged["values"]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_total
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0, *args) -> tuple[int, int]:
+        # Not used for masking (the hooks pass a prepared 4-D mask); sizes of what update returns.
+        held = int(self.count.max()) if self.count is not None else 0
+        return held + (query_length if isinstance(query_length, int) else query_length.shape[-1]), 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1 if self.memory_size is None else self.memory_size + self.buffer_size
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:  # transformers < 5.20 name
+        return self.get_max_length(layer_idx)
+
+    def reset(self) -> None:
+        self.layers, self.seen, self.count, self.seen_total = [], None, None, 0
+        self._plan, self._staged = None, {}
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("BoundedCache cannot be cropped (assisted decoding is not supported)")
+
+    # ---- inspection ----
+
+    @property
+    def slots(self) -> int:
+        return self.layers[0].slots if self.layers else 0
+
+    def kept_positions(self, layer_idx: int) -> torch.Tensor:
+        """(B, H_kv, n) original positions still cached in `layer_idx`, ascending; -1 pads short rows."""
+        layer = self.layers[layer_idx]
+        n = int(self.count.max())
+        positions = layer.positions[:, :, :n]
+        empty = torch.arange(n, device=positions.device)[None, None, :] >= self.count[:, None, None]
+        return positions.masked_fill(empty, -1)
+
+    def nbytes(self) -> int:
+        """Bytes of storage this cache holds (all layers: keys, values, positions, policy signals)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def stats(self) -> dict:
+        return {
+            "policy": self.policy.name,
+            "memory_size": self.memory_size,
+            "buffer_size": self.buffer_size,
+            "tokens_seen": self.seen.tolist() if self.seen is not None else [],
+            "tokens_kept": self.count.tolist() if self.count is not None else [],
+            "slots_per_head": self.slots,
+            "nbytes": self.nbytes(),
+        }
+
+    # ---- mechanics ----
+
+    def _initial_slots(self, width: int) -> int:
+        if self.memory_size is not None:
+            return self.memory_size + self.buffer_size
+        return max(GROW, GROW * math.ceil(width / GROW))
+
+    def _grow(self, layer: SlotLayer, width: int) -> None:
+        slots = max(2 * layer.slots, GROW * math.ceil(width / GROW))
+        grown = {}
+        for name, t in layer.tensors().items():
+            shape = list(t.shape)
+            shape[2] = slots
+            g = torch.full(shape, -1, dtype=t.dtype, device=t.device) if name == "positions" else t.new_zeros(shape)
+            g[:, :, : t.shape[2]] = t
+            grown[name] = g
+        layer.assign(grown)
+
+    def _new_tokens(self, layer_idx, key_states, value_states, plan: _Plan) -> dict[str, torch.Tensor]:
+        """The new tokens as (B, H, q[, D]) tensors, real ones first, for every stored field."""
+        B, H, q, _ = key_states.shape
+        order = plan.order[:, None, :].expand(B, H, q)
+        staged = self._staged.get(layer_idx, {})
+        new = {
+            "keys": _gather_tokens(key_states, order),
+            "values": _gather_tokens(value_states, order),
+            "positions": (self.seen[:, None, None] + torch.arange(q, device=key_states.device)).expand(B, H, q),
+        }
+        for name in self.policy.needs:
+            if name not in staged:
+                hint = " (attach retention gates: trimkv.attach_gates or trimkv.load_pretrained)" if name == "log_beta" else ""
+                raise ValueError(f"policy {self.policy.name!r} needs {name!r} for layer {layer_idx}, none was given{hint}")
+            new[name] = staged[name].transpose(1, 2).float().gather(2, order)
+        return new
+
+    def _merge(self, layer: SlotLayer, new: dict[str, torch.Tensor], plan: _Plan) -> dict[str, torch.Tensor]:
+        """Per row: cached entries, then the real new tokens -> (B, H, K[, D]) with K = plan.width."""
+        n_old = int(plan.count_before.max())
+        j = torch.arange(plan.width, device=plan.order.device)[None, :]  # (1, K)
+        before = plan.count_before[:, None]
+        src = torch.where(j < before, j, n_old + j - before)  # (B, K) index into cat(old, new)
+        src = src.clamp(max=n_old + plan.order.shape[1] - 1)
+        stored = layer.tensors()
+        merged = {}
+        for name, fresh in new.items():
+            both = torch.cat([stored[name][:, :, :n_old], fresh], dim=2)
+            merged[name] = _gather_tokens(both, src[:, None, :].expand(both.shape[0], both.shape[1], -1))
+        return merged
+
+    def _compress_into(self, layer: SlotLayer, candidates: dict[str, torch.Tensor], plan: _Plan) -> None:
+        """Write into the layer's slots: for compressing rows the top-M candidates per head (in position
+        order), for the others their candidates as they are."""
+        M, S = self.memory_size, layer.slots
+        positions = candidates["positions"]
+        B, H, N = positions.shape
+        idx = torch.arange(N, device=positions.device)
+        valid = idx[None, None, :] < plan.count_union[:, None, None]  # (B, 1, N)
+        view = CacheView(candidates["keys"], candidates["values"], positions,
+                         {k: candidates[k] for k in self.policy.needs}, plan.t, valid)
+        scores = self.policy.score(view).float().masked_fill(~valid, -math.inf)
+        forced = positions < self.sink
+        if self.window:
+            forced |= positions >= (plan.seen_after[:, None, None] - self.window)
+        scores = scores.masked_fill(forced & valid, math.inf)
+        top = scores.topk(M, dim=-1).indices.sort(dim=-1).values  # (B, H, M)
+        keep = idx[:S].expand(B, H, S).clone()
+        keep[:, :, :M] = torch.where(plan.compress[:, None, None], top, keep[:, :, :M])
+        kept = {name: _gather_tokens(t, keep) for name, t in candidates.items()}
+        stored = layer.tensors()
+        for name, t in kept.items():
+            stored[name].copy_(t)
+
+    def _map_batch(self, fn) -> None:
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.assign({name: fn(t) for name, t in layer.tensors().items()})
+        if self.seen is not None:
+            self.seen, self.count = fn(self.seen), fn(self.count)
+
+
+def make_cache(policy: str, memory_size: int | None = None, buffer_size: int = 128, sink: int = 0,
+               window: int = 0, **policy_kwargs) -> BoundedCache:
+    """A bounded KV cache for `model.generate(..., past_key_values=cache)`.
+
+    policy: a name in `trimkv.POLICIES` ("trimkv", "full", ...); extra keyword arguments go to it.
+    memory_size: M, tokens kept per (sequence, layer, KV head) after compression (ignored by "full").
+    buffer_size: tokens added beyond M before the cache compresses back to M (upstream default 128).
+    sink, window: always keep the first `sink` and the last `window` tokens.
+    The model must carry trimkv's hooks: `trimkv.attach_gates`, `trimkv.load_pretrained` or `trimkv.prepare`.
+    """
+    rule = get_policy(policy, **policy_kwargs)
+    if rule.bounded:
+        if memory_size is None or memory_size <= 0:
+            raise ValueError(f"memory_size must be a positive integer for policy {policy!r}, got {memory_size}")
+        if buffer_size < 0:
+            raise ValueError(f"buffer_size must be >= 0, got {buffer_size}")
+        if sink < 0 or window < 0 or sink + window > memory_size:
+            raise ValueError(f"need 0 <= sink + window <= memory_size, got sink={sink} window={window} "
+                             f"memory_size={memory_size}")
+    return BoundedCache(rule, memory_size, buffer_size, sink, window)
