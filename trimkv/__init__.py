@@ -1,0 +1,25 @@
+"""trimkv: learned token retention (TRIM-KV) and a memory-bounded KV cache for Hugging Face decoder LMs."""
+
+from trimkv import attention  # registers the trimkv_* attention implementations with transformers
+from trimkv.cache import BoundedCache, make_cache
+from trimkv.checkpoint import load_gates, load_pretrained, save_gates
+from trimkv.gates import GateConfig, RetentionGate, attach_gates
+from trimkv.hooks import prepare, retention, unprepare
+from trimkv.policies import POLICIES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "POLICIES",
+    "BoundedCache",
+    "GateConfig",
+    "RetentionGate",
+    "attach_gates",
+    "load_gates",
+    "load_pretrained",
+    "make_cache",
+    "prepare",
+    "retention",
+    "save_gates",
+    "unprepare",
+]

@@ -1,0 +1,3 @@
+from trimkv.cli import main
+
+raise SystemExit(main())
