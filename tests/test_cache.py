@@ -187,7 +187,7 @@ def test_full_policy_grows_without_evicting():
     (dict(policy="trimkv", memory_size=0), "memory_size must be a positive integer"),
     (dict(policy="trimkv", memory_size=-3), "memory_size must be a positive integer"),
     (dict(policy="trimkv"), "memory_size must be a positive integer"),
-    (dict(policy="nope", memory_size=4), "unknown policy 'nope'; valid policies: full, trimkv"),
+    (dict(policy="nope", memory_size=4), f"unknown policy 'nope'; valid policies: {', '.join(sorted(trimkv.POLICIES))}"),
     (dict(policy="trimkv", memory_size=4, sink=3, window=2), "sink + window <= memory_size"),
     (dict(policy="trimkv", memory_size=4, buffer_size=-1), "buffer_size must be >= 0"),
     (dict(policy="trimkv", memory_size=4, bogus=1), "bad option for policy 'trimkv'"),

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 LOG_BETA_KWARG = "retention_log_beta"
+RETENTION_IMPLEMENTATIONS = ("trimkv_reference", "trimkv_flex")  # attn_implementation names (training)
 
 
 def retention_attention_reference(

@@ -9,11 +9,13 @@ mask serves the whole model.
 Mechanics (one forward pass = prefill chunk or decode step), following the released TRIM-KV code:
 1. the new tokens of a row (padding dropped: padding never occupies budget) go after its cached
    ones; attention sees all of them;
-2. when a row's count reaches `memory_size + buffer_size`, it is compressed back to `memory_size`:
-   per KV head the top-M by the policy's score, `sink` first and `window` last tokens forced in.
-If the new tokens fit in the free slots they are written in place and compression happens at the end
-of the pass; a long prompt that does not fit is attended as a transient union of cached + new keys
-and compressed straight into the slots, so storage never grows.
+2. after each layer attended, the policy updates its signals from the layer's queries if it uses
+   them, and a row whose count reached `memory_size + buffer_size` is compressed back to
+   `memory_size`: per KV head the top-M by the policy's score, `sink` first and `window` last tokens
+   forced in, ties broken by position.
+New tokens that fit in the free slots are written in place; a prompt chunk that does not fit is
+attended as a transient union of cached + new keys and compressed into the slots right after that
+layer's attention, so storage never grows. `prefill_chunk` bounds that union for long prompts.
 
 Because kept positions are no longer contiguous, the model's own mask cannot describe the cache: the
 hooks installed by `trimkv.prepare(model)` hand the cache the 2-D padding mask at the start of each
@@ -23,12 +25,12 @@ forward and pass the 4-D mask it builds (`begin_forward`) to every layer.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from trimkv.policies import CacheView, Policy, get_policy
+from trimkv.policies import POLICIES, CacheView, Policy, get_policy
 
 GROW = 256  # an unbounded (full) cache grows its slots in steps of at least this many, doubling
 
@@ -57,6 +59,10 @@ class SlotLayer(CacheLayerMixin):
         super().__init__()
         self.positions: torch.Tensor | None = None  # (B, H, S) long
         self.extras: dict[str, torch.Tensor] = {}  # name -> (B, H, S) float32
+        self.queries: torch.Tensor | None = None  # (B, H_q, W, D) recent real queries, right-aligned
+        self.query_positions: torch.Tensor | None = None  # (B, W), -1 = none yet
+        self.pass_queries: tuple[torch.Tensor, float] | None = None  # this pass's queries and scaling
+        self.pending: dict[str, torch.Tensor] | None = None  # transient union awaiting eviction
 
     def lazy_initialization(self, key_states, value_states, slots: int = 0, extras=()) -> None:
         B, H, _, D = key_states.shape
@@ -107,9 +113,11 @@ class BoundedCache(Cache):
 
     is_compileable = False
 
-    def __init__(self, policy: Policy, memory_size: int | None, buffer_size: int = 0, sink: int = 0, window: int = 0):
+    def __init__(self, policy: Policy, memory_size: int | None, buffer_size: int = 0, sink: int = 0, window: int = 0,
+                 prefill_chunk: int | None = None):
         super().__init__(layers=[])
         self.policy = policy
+        self.prefill_chunk = prefill_chunk
         self.memory_size = memory_size if policy.bounded else None
         self.buffer_size = buffer_size
         self.sink, self.window = sink, window
@@ -163,14 +171,37 @@ class BoundedCache(Cache):
         """Per-token signal for the new tokens of this pass, (B, q, H_kv), e.g. the gate's log beta."""
         self._staged.setdefault(layer_idx, {})[name] = value
 
+    def observe_queries(self, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
+        """The layer's queries of this pass, (B, H_q, q, D), for policies that score with attention."""
+        if self.policy.query_window or self.policy.state:
+            self.layers[layer_idx].pass_queries = (query, scaling)
+
+    def after_attention(self, layer_idx: int) -> None:
+        """After the layer attended: update the policy's signals, then evict rows that are full."""
+        plan, layer = self._plan, self.layers[layer_idx]
+        candidates = layer.pending if layer.pending is not None else layer.tensors()
+        scaling = 1.0
+        if layer.pass_queries is not None:
+            query, scaling = layer.pass_queries
+            layer.pass_queries = None
+            B, Hq, q, D = query.shape
+            queries = query.gather(2, plan.order[:, None, :, None].expand(B, Hq, q, D))  # real ones first
+            j = torch.arange(q, device=query.device)
+            positions = torch.where(j < plan.n_real[:, None], self.seen[:, None] + j, -1)  # (B, q)
+            if self.policy.state:
+                self.policy.observe(self._view(candidates, plan, scaling, layer), queries, positions)
+            if self.policy.query_window:
+                self._push_queries(layer, queries, positions, plan)
+        if self.memory_size is not None and bool(plan.compress.any()):
+            self._compress_into(layer, candidates, plan, scaling)
+        layer.pending = None
+
     def end_forward(self) -> None:
         plan = self._plan
         if plan is None:
             return
-        if self.memory_size is not None and bool(plan.compress.any()) and plan.width <= self.slots:
-            # New tokens were written in place and some rows reached memory + buffer: compress them.
-            for layer in self.layers:
-                self._compress_into(layer, layer.tensors(), plan)
+        if any(layer.pending is not None for layer in self.layers):
+            raise RuntimeError("BoundedCache: a layer attended without its after-attention hook (trimkv.prepare)")
         if self.memory_size is not None:
             self.count = torch.where(plan.compress, torch.full_like(plan.count_union, self.memory_size),
                                      plan.count_union)
@@ -194,7 +225,8 @@ class BoundedCache(Cache):
             self.layers.append(SlotLayer())
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
-            layer.lazy_initialization(key_states, value_states, self._initial_slots(plan.width), self.policy.needs)
+            layer.lazy_initialization(key_states, value_states, self._initial_slots(plan.width),
+                                     self.policy.needs + self.policy.state)
         new = self._new_tokens(layer_idx, key_states, value_states, plan)
 
         if plan.width > layer.slots and self.memory_size is None:
@@ -213,10 +245,9 @@ class BoundedCache(Cache):
                     stored[:, :, : plan.width].copy_(merged[name])
             return layer.keys[:, :, : plan.width], layer.values[:, :, : plan.width]
 
-        # Does not fit: attend the transient union, compress it straight into the slots.
-        merged = self._merge(layer, new, plan)
-        self._compress_into(layer, merged, plan)
-        return merged["keys"], merged["values"]
+        # Does not fit: attend the transient union; after attention it is compressed into the slots.
+        layer.pending = self._merge(layer, new, plan)
+        return layer.pending["keys"], layer.pending["values"]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_total
@@ -233,7 +264,7 @@ class BoundedCache(Cache):
         return self.get_max_length(layer_idx)
 
     def reset(self) -> None:
-        self.layers, self.seen, self.count, self.seen_total = [], None, None, 0
+        self.layers, self.seen, self.count, self.seen_total = [], None, None, 0  # a fresh start, same settings
         self._plan, self._staged = None, {}
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -310,6 +341,8 @@ class BoundedCache(Cache):
                 hint = " (attach retention gates: trimkv.attach_gates or trimkv.load_pretrained)" if name == "log_beta" else ""
                 raise ValueError(f"policy {self.policy.name!r} needs {name!r} for layer {layer_idx}, none was given{hint}")
             new[name] = staged[name].transpose(1, 2).float().gather(2, order)
+        for name in self.policy.state:
+            new[name] = key_states.new_zeros(B, H, q, dtype=torch.float32)
         return new
 
     def _merge(self, layer: SlotLayer, new: dict[str, torch.Tensor], plan: _Plan) -> dict[str, torch.Tensor]:
@@ -326,23 +359,42 @@ class BoundedCache(Cache):
             merged[name] = _gather_tokens(both, src[:, None, :].expand(both.shape[0], both.shape[1], -1))
         return merged
 
-    def _compress_into(self, layer: SlotLayer, candidates: dict[str, torch.Tensor], plan: _Plan) -> None:
+    def _view(self, candidates: dict[str, torch.Tensor], plan: _Plan, scaling: float, layer: SlotLayer) -> CacheView:
+        positions = candidates["positions"]
+        valid = torch.arange(positions.shape[-1], device=positions.device)[None, None, :] < plan.count_union[:, None, None]
+        extras = {k: candidates[k] for k in self.policy.needs + self.policy.state}
+        return CacheView(candidates["keys"], candidates["values"], positions, extras, plan.t, valid,
+                         self.memory_size, layer.queries, layer.query_positions, scaling)
+
+    def _push_queries(self, layer: SlotLayer, queries: torch.Tensor, positions: torch.Tensor, plan: _Plan) -> None:
+        """Keep each row's last W real queries, right-aligned: (B, H_q, W, D) and positions (B, W)."""
+        B, Hq, q, D = queries.shape
+        W = self.policy.query_window
+        if layer.queries is None:
+            layer.queries = queries.new_zeros(B, Hq, W, D)
+            layer.query_positions = torch.full((B, W), -1, dtype=torch.long, device=queries.device)
+        # cat(old, new) holds each row's valid queries contiguously, ending at W + n_real: take the last W.
+        src = plan.n_real[:, None] + torch.arange(W, device=queries.device)  # (B, W)
+        both = torch.cat([layer.queries, queries], dim=2)
+        layer.queries = both.gather(2, src[:, None, :, None].expand(B, Hq, W, D))
+        layer.query_positions = torch.cat([layer.query_positions, positions], dim=1).gather(1, src)
+
+    def _compress_into(self, layer: SlotLayer, candidates: dict[str, torch.Tensor], plan: _Plan,
+                       scaling: float = 1.0) -> None:
         """Write into the layer's slots: for compressing rows the top-M candidates per head (in position
         order), for the others their candidates as they are."""
         M, S = self.memory_size, layer.slots
-        positions = candidates["positions"]
+        view = self._view(candidates, plan, scaling, layer)
+        positions, valid = view.positions, view.valid
         B, H, N = positions.shape
-        idx = torch.arange(N, device=positions.device)
-        valid = idx[None, None, :] < plan.count_union[:, None, None]  # (B, 1, N)
-        view = CacheView(candidates["keys"], candidates["values"], positions,
-                         {k: candidates[k] for k in self.policy.needs}, plan.t, valid)
         scores = self.policy.score(view).float().masked_fill(~valid, -math.inf)
         forced = positions < self.sink
         if self.window:
             forced |= positions >= (plan.seen_after[:, None, None] - self.window)
         scores = scores.masked_fill(forced & valid, math.inf)
-        top = scores.topk(M, dim=-1).indices.sort(dim=-1).values  # (B, H, M)
-        keep = idx[:S].expand(B, H, S).clone()
+        # A stable sort breaks ties by slot (= position) order, so a row's choice never depends on its batch.
+        top = scores.sort(dim=-1, descending=True, stable=True).indices[:, :, :M].sort(dim=-1).values  # (B, H, M)
+        keep = torch.arange(S, device=positions.device).expand(B, H, S).clone()
         keep[:, :, :M] = torch.where(plan.compress[:, None, None], top, keep[:, :, :M])
         kept = {name: _gather_tokens(t, keep) for name, t in candidates.items()}
         stored = layer.tensors()
@@ -353,27 +405,38 @@ class BoundedCache(Cache):
         for layer in self.layers:
             if layer.is_initialized:
                 layer.assign({name: fn(t) for name, t in layer.tensors().items()})
+            if layer.queries is not None:
+                layer.queries, layer.query_positions = fn(layer.queries), fn(layer.query_positions)
         if self.seen is not None:
             self.seen, self.count = fn(self.seen), fn(self.count)
 
 
-def make_cache(policy: str, memory_size: int | None = None, buffer_size: int = 128, sink: int = 0,
-               window: int = 0, **policy_kwargs) -> BoundedCache:
+def make_cache(policy: str, memory_size: int | None = None, buffer_size: int = 128, sink: int | None = None,
+               window: int = 0, prefill_chunk: int | None = None, **policy_kwargs) -> BoundedCache:
     """A bounded KV cache for `model.generate(..., past_key_values=cache)`.
 
     policy: a name in `trimkv.POLICIES` ("trimkv", "full", ...); extra keyword arguments go to it.
     memory_size: M, tokens kept per (sequence, layer, KV head) after compression (ignored by "full").
     buffer_size: tokens added beyond M before the cache compresses back to M (upstream default 128).
-    sink, window: always keep the first `sink` and the last `window` tokens.
+    sink, window: always keep the first `sink` and the last `window` tokens. A policy with a `sink`
+        option of its own (streaming) takes `sink` instead; None keeps its default.
+    prefill_chunk: run a longer prompt in chunks of this many tokens, evicting after each, so memory
+        stays bounded during prefill too (None: the prompt is one pass).
     The model must carry trimkv's hooks: `trimkv.attach_gates`, `trimkv.load_pretrained` or `trimkv.prepare`.
     """
+    if sink is not None and policy in POLICIES and "sink" in {f.name for f in fields(POLICIES[policy])}:
+        policy_kwargs["sink"], sink = sink, None
     rule = get_policy(policy, **policy_kwargs)
+    sink = sink or 0
     if rule.bounded:
         if memory_size is None or memory_size <= 0:
             raise ValueError(f"memory_size must be a positive integer for policy {policy!r}, got {memory_size}")
         if buffer_size < 0:
             raise ValueError(f"buffer_size must be >= 0, got {buffer_size}")
-        if sink < 0 or window < 0 or sink + window > memory_size:
-            raise ValueError(f"need 0 <= sink + window <= memory_size, got sink={sink} window={window} "
-                             f"memory_size={memory_size}")
-    return BoundedCache(rule, memory_size, buffer_size, sink, window)
+        forced = sink + window + getattr(rule, "sink", 0)
+        if sink < 0 or window < 0 or forced > memory_size:
+            raise ValueError(f"need 0 <= sink + window <= memory_size, got sink={sink or getattr(rule, 'sink', 0)} "
+                             f"window={window} memory_size={memory_size}")
+    if prefill_chunk is not None and prefill_chunk <= 0:
+        raise ValueError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk}")
+    return BoundedCache(rule, memory_size, buffer_size, sink, window, prefill_chunk)

@@ -2,51 +2,109 @@
 
 - on the decoder (`model.model`), before each forward: hand a `BoundedCache` the 2-D padding mask and
   replace it by the 4-D mask that describes the cache's compacted slots (transformers passes a 4-D
-  mask through unchanged); after the forward: let the cache compress;
+  mask through unchanged); a prompt longer than the cache's `prefill_chunk` is run chunk by chunk
+  here first. After the forward: close the cache's bookkeeping for the pass;
 - on each layer's `self_attn`, before its forward: run the retention gate on the layer's normed input
   (the attention module's `hidden_states`) and hand log beta to the cache, and to retention-gated
-  attention when the model runs with `attn_implementation="trimkv_*"` (training).
+  attention when the model runs with a `trimkv_reference` / `trimkv_flex` implementation (training);
+  after its forward: let the cache evict for that layer;
+- the attention function itself: `prepare` switches `sdpa` / `eager` to `trimkv_sdpa` /
+  `trimkv_eager`, the same functions with the same masks, which also show the layer's queries to the
+  cache (attention-based policies score with them). Without a bounded cache they change nothing.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from trimkv.attention import LOG_BETA_KWARG, RETENTION_IMPLEMENTATIONS
 from trimkv.cache import BoundedCache
 from trimkv.compat import cache_from_kwargs
 from trimkv.gates import decoder_layers
 
-MASK_FORMATS = {"sdpa": "bool", "eager": "float"}  # attention implementations the bounded cache serves
+OBSERVED = {"sdpa": "trimkv_sdpa", "eager": "trimkv_eager"}  # stock implementation -> observed twin
+MASK_FORMATS = {"trimkv_sdpa": "bool", "trimkv_eager": "float", **{name: "bool" for name in RETENTION_IMPLEMENTATIONS}}
 _HOOKED = "_trimkv_hooks"
+_CACHE_ATTR = "_trimkv_cache"  # set on an attention module for the duration of its forward
+
+
+def _observed(stock):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        cache = getattr(module, _CACHE_ATTR, None)
+        if cache is not None:
+            cache.observe_queries(module.layer_idx, query, kwargs.get("scaling") or query.shape[-1] ** -0.5)
+        return stock(module)(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def _model_eager(module):  # every modeling file has its own eager_attention_forward
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+AttentionInterface.register("trimkv_sdpa", _observed(lambda module: sdpa_attention_forward))
+AttentionInterface.register("trimkv_eager", _observed(_model_eager))
+AttentionMaskInterface.register("trimkv_sdpa", sdpa_mask)
+AttentionMaskInterface.register("trimkv_eager", eager_mask)
 
 
 def _mask_format(config) -> str:
-    impl = config._attn_implementation or "eager"
-    if impl.startswith("trimkv_"):
-        return "bool"
+    impl = config._attn_implementation
     if impl not in MASK_FORMATS:
         raise ValueError(
-            f"the bounded cache supports attn_implementation in {sorted(MASK_FORMATS)}, got {impl!r}; "
-            "load the model with attn_implementation='sdpa'"
+            f"the bounded cache supports attn_implementation 'sdpa' or 'eager', got {impl!r}; "
+            "load the model with attn_implementation='sdpa' and call trimkv.prepare(model)"
         )
     return MASK_FORMATS[impl]
+
+
+_PER_TOKEN_KWARGS = ("position_ids", "cache_position")
+
+
+def _slice_kwargs(kwargs: dict, start: int, stop: int, q_len: int) -> dict:
+    """The forward kwargs of tokens [start, stop) of a pass of q_len new tokens."""
+    out = dict(kwargs)
+    for name in ("input_ids", "inputs_embeds"):
+        if out.get(name) is not None:
+            out[name] = out[name][:, start:stop]
+    for name in _PER_TOKEN_KWARGS:
+        value = out.get(name)
+        if isinstance(value, torch.Tensor) and value.shape[-1] == q_len:
+            out[name] = value[..., start:stop]
+    mask = out.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        out["attention_mask"] = mask[:, : mask.shape[1] - q_len + stop]
+    return out
 
 
 def _decoder_pre_hook(module: nn.Module, args, kwargs):
     cache = cache_from_kwargs(kwargs)
     if not isinstance(cache, BoundedCache):
         return None
-    tokens = kwargs.get("input_ids", args[0] if args else None)
-    embeds = kwargs.get("inputs_embeds")
-    shape = tokens.shape if tokens is not None else embeds.shape[:2]
-    device = (tokens if tokens is not None else embeds).device
+    if args:  # normalise a positional input_ids so the kwargs can be sliced
+        kwargs, args = {"input_ids": args[0], **kwargs}, args[1:]
+    tokens, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    batch, q_len = (tokens if tokens is not None else embeds).shape[:2]
+    chunk = cache.prefill_chunk
+    if chunk and q_len > chunk:
+        # Chunked prefill: all but the last chunk run now (each a full pass with its own eviction),
+        # the last one continues as this forward.
+        last = (q_len - 1) // chunk * chunk
+        for start in range(0, last, chunk):
+            module(*args, **_slice_kwargs(kwargs, start, start + chunk, q_len))
+        kwargs, q_len = _slice_kwargs(kwargs, last, q_len, q_len), q_len - last
     mask = kwargs.get("attention_mask")
     if isinstance(mask, dict):
         raise ValueError("BoundedCache cannot use masks prepared by generate for a compiled cache")
-    kwargs["attention_mask"] = cache.begin_forward(
-        mask, shape[0], shape[1], device, _mask_format(module.config), module.dtype
-    )
+    device = (tokens if tokens is not None else embeds).device
+    kwargs["attention_mask"] = cache.begin_forward(mask, batch, q_len, device, _mask_format(module.config),
+                                                   module.dtype)
     return args, kwargs
 
 
@@ -58,45 +116,63 @@ def _decoder_post_hook(module: nn.Module, args, kwargs, output):
 
 
 def _attention_pre_hook(module: nn.Module, args, kwargs):
+    cache = cache_from_kwargs(kwargs)
+    bounded = isinstance(cache, BoundedCache)
+    setattr(module, _CACHE_ATTR, cache if bounded else None)
     gate = getattr(module, "retention_gate", None)
-    if gate is None:
+    wants_cache = bounded and "log_beta" in cache.policy.needs
+    wants_attention = module.config._attn_implementation in RETENTION_IMPLEMENTATIONS
+    if gate is None or not (wants_cache or wants_attention):
         return None
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    cache = cache_from_kwargs(kwargs)
-    wants_cache = isinstance(cache, BoundedCache) and "log_beta" in cache.policy.needs
-    wants_attention = (module.config._attn_implementation or "").startswith("trimkv_")
-    if not (wants_cache or wants_attention):
-        return None
     log_beta = gate(hidden)  # (B, T, H_kv)
     if wants_cache:
         cache.stage(module.layer_idx, "log_beta", log_beta)
     if wants_attention:
-        kwargs["retention_log_beta"] = log_beta
+        kwargs[LOG_BETA_KWARG] = log_beta
     return args, kwargs
+
+
+def _attention_post_hook(module: nn.Module, args, kwargs, output):
+    cache = getattr(module, _CACHE_ATTR, None)
+    if cache is not None:
+        setattr(module, _CACHE_ATTR, None)
+        cache.after_attention(module.layer_idx)
+    return None
 
 
 def prepare(model: nn.Module) -> nn.Module:
     """Install trimkv's hooks on `model` (idempotent) so it can drive a `BoundedCache`; returns the model.
 
-    `attach_gates` and `load_pretrained` call this; call it yourself to run a baseline policy on a
-    base model without gates.
+    Switches `attn_implementation` sdpa/eager to its observed twin (same outputs). `attach_gates` and
+    `load_pretrained` call this; call it yourself to run a baseline policy on a model without gates.
     """
     layers = decoder_layers(model)
     if getattr(model, _HOOKED, None):
         return model
+    impl = model.config._attn_implementation
+    if impl in OBSERVED:
+        model.config._attn_implementation = OBSERVED[impl]
     handles = [
         model.model.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True),
         model.model.register_forward_hook(_decoder_post_hook, with_kwargs=True, always_call=True),
     ]
-    handles += [layer.self_attn.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True) for layer in layers]
-    setattr(model, _HOOKED, handles)
+    for layer in layers:
+        handles.append(layer.self_attn.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_hook(_attention_post_hook, with_kwargs=True))
+    setattr(model, _HOOKED, (handles, impl))
     return model
 
 
 def unprepare(model: nn.Module) -> nn.Module:
-    """Remove the hooks `prepare` installed."""
-    for handle in getattr(model, _HOOKED, None) or []:
-        handle.remove()
+    """Remove the hooks `prepare` installed and restore the attention implementation."""
+    hooked = getattr(model, _HOOKED, None)
+    if hooked:
+        handles, impl = hooked
+        for handle in handles:
+            handle.remove()
+        if model.config._attn_implementation in OBSERVED.values():
+            model.config._attn_implementation = impl
     setattr(model, _HOOKED, None)
     return model
 
