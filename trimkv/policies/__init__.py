@@ -6,9 +6,17 @@ the docstring, a `score(view)` returning (B, H_kv, N), an entry below, and a han
 
 from trimkv.policies.base import CacheView, Policy
 from trimkv.policies.full import Full
+from trimkv.policies.h2o import H2O
+from trimkv.policies.keydiff import KeyDiff
+from trimkv.policies.knorm import KNorm
+from trimkv.policies.random import Random
+from trimkv.policies.rkv import RKV
+from trimkv.policies.snapkv import SnapKV
+from trimkv.policies.streaming import StreamingLLM
+from trimkv.policies.tova import TOVA
 from trimkv.policies.trimkv import TrimKV
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (TrimKV, Full)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (TrimKV, Full, StreamingLLM, H2O, SnapKV, KeyDiff, RKV, TOVA, KNorm, Random)}
 
 
 def get_policy(name: str, **kwargs) -> Policy:
