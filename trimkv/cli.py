@@ -23,8 +23,10 @@ def _add_generate(sub) -> None:
                    help="tokens kept per layer and KV head (default: the checkpoint's training value)")
     p.add_argument("--buffer-size", type=int, default=None,
                    help="tokens added before compressing back to --memory-size (default: checkpoint's, else 128)")
-    p.add_argument("--sink", type=int, default=0, help="always keep the first N tokens")
+    p.add_argument("--sink", type=int, default=None, help="always keep the first N tokens (streaming: default 4)")
     p.add_argument("--window", type=int, default=0, help="always keep the last N tokens")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="run a long prompt in chunks of N tokens, evicting after each (bounded prefill memory)")
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -70,7 +72,7 @@ def _generate(args) -> int:
     memory_size = args.memory_size if args.memory_size is not None else defaults.get("memory_size")
     buffer_size = args.buffer_size if args.buffer_size is not None else defaults.get("buffer_size", 128)
     cache = trimkv.make_cache(args.policy, memory_size=memory_size, buffer_size=buffer_size,
-                              sink=args.sink, window=args.window)
+                              sink=args.sink, window=args.window, prefill_chunk=args.prefill_chunk)
     if "log_beta" in cache.policy.needs and not hasattr(model.model.layers[0].self_attn, "retention_gate"):
         raise ValueError(f"policy {args.policy!r} needs retention gates; {args.model} has none (use a trimkv checkpoint)")
 
@@ -129,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_demo(sub)
+    from trimkv import bench, data
+    from trimkv.eval import runner
+
+    runner.add_parser(sub)
+    data.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 
