@@ -131,12 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_demo(sub)
-    from trimkv import bench, data
+    from trimkv import bench, data, tracking
     from trimkv.eval import runner
+    from trimkv.report import cli as report
 
     runner.add_parser(sub)
     data.add_parser(sub)
     bench.add_parser(sub)
+    report.add_parser(sub)
+    tracking.add_parser(sub)
     return parser
 
 
