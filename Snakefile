@@ -1,0 +1,25 @@
+# trimkv: the TRIM-KV paper end to end. `snakemake` runs the offline preset (config/config.yaml);
+# `snakemake --configfile config/paper.yaml --profile profiles/slurm` runs the paper on a GPU cluster.
+
+
+if not config:  # --configfile replaces the default preset instead of merging into it
+
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/base.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/eval.smk"
+include: "workflow/rules/report.smk"
+include: "workflow/rules/tracking.smk"
+
+
+report: "workflow/report/workflow.rst"
+
+
+rule all:
+    default_target: True
+    input:
+        all_outputs(),

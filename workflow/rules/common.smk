@@ -1,0 +1,154 @@
+# Config validation first (a bad config fails before any job starts), then the input functions.
+from snakemake.utils import validate
+
+validate(config, "../schemas/config.schema.yaml")
+
+MODELS = config["models"]
+BENCHMARKS = config["benchmarks"]
+POLICIES = config["policies"]
+UNBOUNDED = {"full"}  # policies evaluated once, without a budget
+
+
+def _check_names():
+    for name, bench in BENCHMARKS.items():
+        for model in bench.get("models") or []:
+            if model not in MODELS:
+                raise ValueError(
+                    f"config: benchmarks.{name}.models: unknown model {model!r}; models: {sorted(MODELS)}"
+                )
+    retention = config.get("report", {}).get("retention")
+    if retention and retention["model"] not in MODELS:
+        raise ValueError(
+            f"config: report.retention.model: unknown model {retention['model']!r}"
+        )
+    for name, model in MODELS.items():
+        for dataset in model["gates"]["data"]:
+            if dataset != "synthetic" and dataset not in config.get("datasets", {}):
+                raise ValueError(
+                    f"config: models.{name}.gates.data: {dataset!r} is not in datasets"
+                )
+
+
+_check_names()
+
+
+def cli_options(options: dict) -> str:
+    """{"lr": 1e-3, "pack": True} -> "--lr 0.001 --pack": config dicts become CLI flags."""
+    flags = []
+    for key, value in (options or {}).items():
+        flag = f"--{key.replace('_', '-')}"
+        if value is True:
+            flags.append(flag)
+        elif value is not False and value is not None:
+            values = value if isinstance(value, list) else [value]
+            flags.append(f"{flag} {' '.join(str(v) for v in values)}")
+    return " ".join(flags)
+
+
+def base_model(model: str) -> str:
+    """The base model to load: the pipeline's own tiny model, or a Hub id."""
+    base = MODELS[model]["base"]
+    return "results/base/synthetic" if base == "synthetic" else base
+
+
+def base_model_input(wildcards):
+    return (
+        ["results/base/synthetic/config.json"]
+        if MODELS[wildcards.model]["base"] == "synthetic"
+        else []
+    )
+
+
+def dataset_dir(name: str) -> str:
+    return f"resources/data/{name}"
+
+
+def train_data_input(wildcards):
+    return [
+        f"{dataset_dir(d)}/manifest.json"
+        for d in MODELS[wildcards.model]["gates"]["data"]
+    ]
+
+
+def train_data_files(wildcards):
+    files = []
+    for name in MODELS[wildcards.model]["gates"]["data"]:
+        split = "train"
+        files.append(
+            f"{dataset_dir(name)}/{split}.jsonl"
+            if name == "synthetic"
+            else f"{dataset_dir(name)}/{split}.parquet"
+        )
+    return files
+
+
+def benchmark_models(benchmark: str) -> list[str]:
+    return BENCHMARKS[benchmark].get("models") or list(MODELS)
+
+
+def budgets(benchmark: str, policy: str) -> list[str]:
+    return (
+        ["full"]
+        if policy in UNBOUNDED
+        else [str(b) for b in BENCHMARKS[benchmark]["budgets"]]
+    )
+
+
+def eval_cells(benchmark: str | None = None, model: str | None = None) -> list[str]:
+    """Every results/eval/<model>/<benchmark>/<policy>/<budget>/metrics.json the config asks for."""
+    cells = []
+    for bench in [benchmark] if benchmark else BENCHMARKS:
+        for m in benchmark_models(bench):
+            if model and m != model:
+                continue
+            for policy in POLICIES:
+                for budget in budgets(bench, policy):
+                    cells.append(
+                        f"results/eval/{m}/{bench}/{policy}/{budget}/metrics.json"
+                    )
+    return cells
+
+
+def retention_outputs() -> list[str]:
+    return (
+        ["results/figures/retention"]
+        if config.get("report", {}).get("retention")
+        else []
+    )
+
+
+def config_hash() -> str:
+    """Short hash of the whole config: MLflow runs are tagged with it."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(
+        json.dumps(config, sort_keys=True, default=str).encode()
+    ).hexdigest()[:12]
+
+
+def all_outputs() -> list[str]:
+    outputs = [f"results/gates/{m}/trimkv_config.json" for m in MODELS]
+    outputs += eval_cells()
+    outputs += [
+        "results/tables",
+        "results/figures/budget",
+        *retention_outputs(),
+        "results/mlflow.db",
+    ]
+    return outputs
+
+
+def eval_data(wildcards):
+    name = wildcards.benchmark
+    return [f"resources/data/{name}/manifest.json"]
+
+
+def retention_options(wildcards):
+    spec = config["report"]["retention"]
+    layers = ",".join(str(x) for x in spec.get("layers", [0]))
+    heads = ",".join(str(x) for x in spec.get("heads", [0]))
+    memory = f"--memory-size {spec['memory_size']}" if "memory_size" in spec else ""
+    return (
+        f"--layers {layers} --heads {heads} --sample {spec.get('sample', 0)} {memory}"
+    )

@@ -1,0 +1,30 @@
+# One cell of the paper's tables: a model x benchmark x policy x budget.
+
+
+rule evaluate:
+    input:
+        gates="results/gates/{model}/trimkv_config.json",
+        data=eval_data,
+    output:
+        metrics="results/eval/{model}/{benchmark}/{policy}/{budget}/metrics.json",
+    log:
+        "logs/eval/{model}/{benchmark}/{policy}/{budget}.log",
+    benchmark:
+        "benchmarks/eval/{model}/{benchmark}/{policy}/{budget}.tsv"
+    wildcard_constraints:
+        budget="full|[0-9]+",
+    conda:
+        "../../envs/eval.yaml"
+    resources:
+        gpu=lambda wc: config.get("eval_gpus", 0),
+        runtime=lambda wc: BENCHMARKS[wc.benchmark].get("runtime", 60),
+    params:
+        budget=lambda wc: "" if wc.budget == "full" else f"--budget {wc.budget}",
+        options=lambda wc: cli_options(
+            {**config.get("eval", {}), **BENCHMARKS[wc.benchmark].get("options", {})}
+        ),
+    shell:
+        "python -m trimkv eval --model results/gates/{wildcards.model} --benchmark {wildcards.benchmark}"
+        " --data-dir resources/data/{wildcards.benchmark} --policy {wildcards.policy} {params.budget}"
+        " --out results/eval/{wildcards.model}/{wildcards.benchmark}/{wildcards.policy}/{wildcards.budget}"
+        " --no-progress {params.options} 2> {log}"
