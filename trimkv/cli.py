@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     from trimkv import bench, data, tracking
     from trimkv.eval import runner
     from trimkv.report import cli as report
+    from trimkv.train import trainer
 
+    trainer.add_parser(sub)
     runner.add_parser(sub)
     data.add_parser(sub)
     bench.add_parser(sub)

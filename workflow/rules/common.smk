@@ -71,15 +71,11 @@ def train_data_input(wildcards):
 
 
 def train_data_files(wildcards):
-    files = []
-    for name in MODELS[wildcards.model]["gates"]["data"]:
-        split = "train"
-        files.append(
-            f"{dataset_dir(name)}/{split}.jsonl"
-            if name == "synthetic"
-            else f"{dataset_dir(name)}/{split}.parquet"
-        )
-    return files
+    """The synthetic task's train split; a fetched dataset's directory (the trainer reads its manifest)."""
+    return [
+        f"{dataset_dir(d)}/train.jsonl" if d == "synthetic" else dataset_dir(d)
+        for d in MODELS[wildcards.model]["gates"]["data"]
+    ]
 
 
 def benchmark_models(benchmark: str) -> list[str]:
