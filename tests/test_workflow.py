@@ -1,0 +1,122 @@
+"""The Snakemake workflow: DAG sizes of both presets, lint and format, config validation, pinned envs."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+import trimkv
+from trimkv.eval import BENCHMARKS
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("snakemake") is None, reason="snakemake is not installed")
+
+
+def snakemake(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(["snakemake", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    table = output.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def test_offline_preset_dag():
+    run = snakemake("-n", "--quiet", "rules")
+    assert run.returncode == 0, run.stderr
+    counts = job_counts(run.stdout)
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    bounded = [p for p in config["policies"] if trimkv.POLICIES[p].bounded]
+    cells = len(config["benchmarks"]["synthetic"]["budgets"]) * len(bounded) + 1
+    assert counts == {"synthetic_task": 1, "synthetic_base": 1, "train_gates": 1, "evaluate": cells,
+                      "report_tables": 1, "report_figures": 1, "report_retention": 1, "track": 1, "all": 1,
+                      "total": cells + 8}
+
+
+def test_paper_preset_covers_every_model_benchmark_policy_and_budget():
+    run = snakemake("-n", "--quiet", "rules", "--configfile", "config/paper.yaml")
+    assert run.returncode == 0, run.stderr
+    counts = job_counts(run.stdout)
+    config = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
+    assert len(config["models"]) == 7 and len(config["benchmarks"]) == 8
+    bounded = [p for p in config["policies"] if trimkv.POLICIES[p].bounded]
+    cells = sum(len(b.get("models") or config["models"]) * (len(b["budgets"]) * len(bounded) + 1)
+                for b in config["benchmarks"].values())
+    assert counts["evaluate"] == cells == 840
+    assert counts["train_gates"] == 7 and counts["fetch_dataset"] == len(config["datasets"])
+    assert "synthetic_base" not in counts  # the paper preset does not merge the offline one
+
+
+def test_lint_and_format_are_clean():
+    lint = snakemake("--lint")
+    assert lint.returncode == 0 and "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
+    if shutil.which("snakefmt"):
+        fmt = subprocess.run(["snakefmt", "--check", "Snakefile", "workflow"], cwd=ROOT, capture_output=True, text=True)
+        assert fmt.returncode == 0, fmt.stderr
+
+
+def bad_config(tmp_path: Path, edit) -> subprocess.CompletedProcess:
+    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    edit(config)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return snakemake("-n", "--configfile", str(path))
+
+
+@pytest.mark.parametrize("edit,named", [
+    (lambda c: c["policies"].append("lru"), "lru"),
+    (lambda c: c["benchmarks"].update(gsm9k={"budgets": [8]}), "gsm9k"),
+    (lambda c: c["benchmarks"]["synthetic"]["budgets"].append(0), "budgets"),
+    (lambda c: c["models"]["synthetic-tiny"]["gates"].update(memory_sise=3), "memory_sise"),
+    (lambda c: c["models"]["synthetic-tiny"]["gates"].update(max_steps="many"), "max_steps"),
+    (lambda c: c["benchmarks"]["synthetic"].update(models=["nope"]), "nope"),
+])
+def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, edit, named):
+    run = bad_config(tmp_path, edit)
+    assert run.returncode != 0
+    assert named in run.stdout + run.stderr
+    assert "Job stats" not in run.stdout
+
+
+def test_schema_lists_exactly_the_registered_policies_and_benchmarks():
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    assert sorted(schema["properties"]["policies"]["items"]["enum"]) == sorted(trimkv.POLICIES)
+    assert sorted(schema["properties"]["benchmarks"]["propertyNames"]["enum"]) == sorted(BENCHMARKS)
+
+
+def pinned(env: dict) -> dict[str, str]:
+    pins = {}
+    for dep in env["dependencies"]:
+        for item in dep["pip"] if isinstance(dep, dict) else [dep]:
+            if item.startswith("-e "):
+                continue
+            name, sep, version = re.split(r"(==|=)", item, maxsplit=1) if "=" in item else (item, "", "")
+            assert sep and re.fullmatch(r"[0-9][0-9A-Za-z.+]*", version), f"{item!r} is not pinned to one version"
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_every_env_pins_exact_versions_consistent_with_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [Requirement(r) for r in project["dependencies"]]
+    requirements += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    envs = sorted((ROOT / "envs").glob("*.yaml"))
+    assert {e.stem for e in envs} >= {"data", "train", "eval", "report"}
+    for env_file in envs:
+        pins = pinned(yaml.safe_load(env_file.read_text()))
+        assert pins["python"].startswith(f"{sys.version_info.major}.") and "torch" in pins
+        for req in requirements:
+            name = req.name.lower().replace("_", "-")
+            if name in pins:
+                assert req.specifier.contains(pins[name]), f"{env_file.name}: {name}=={pins[name]} breaks {req}"
+        core = [r.name.lower().replace("_", "-") for r in requirements[: len(project["dependencies"])]]
+        missing = [n for n in core if n not in pins]
+        assert not missing, f"{env_file.name} lacks core dependencies {missing}"
