@@ -108,29 +108,10 @@ def _generate(args) -> int:
     return 0
 
 
-def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="offline smoke run of the library on a tiny random model",
-                       description=__import__("trimkv.demo").demo.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("results/demo"), help="output directory")
-    p.set_defaults(func=_demo)
-
-
-def _demo(args) -> int:
-    from trimkv import demo
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = demo.run(args.out)
-    print(demo.format_table(report))
-    print(f"\nwrote {args.out / 'report.json'}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trimkv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
-    _add_demo(sub)
     from trimkv import bench, data, tracking
     from trimkv.eval import runner
     from trimkv.report import cli as report
