@@ -24,9 +24,20 @@ def randomize_gates(model, seed=0):
     return model
 
 
+def randomize_heads(model, seed=0):
+    """LocRet retaining heads with spread-out predictions (no ties)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in trimkv.locret.head_parameters(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
 def gated(family, seed=0):
+    """Retention gates and LocRet retaining heads, both random: every policy finds the signal it needs."""
     model = trimkv.attach_gates(tiny_model(family, seed=seed))
-    return randomize_gates(model, seed)
+    trimkv.attach_retaining_heads(model, trimkv.LocretConfig(intermediate_size=32))
+    return randomize_heads(randomize_gates(model, seed), seed)
 
 
 def left_padded(lengths, seed=0):

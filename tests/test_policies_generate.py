@@ -93,13 +93,16 @@ def test_cli_generate_runs_every_policy(tmp_path_factory, policy, capsys):
     root = tmp_path_factory.getbasetemp() / "cli_all_policies"
     if not (root / "gates").exists():
         from conftest import save_tiny_model, save_tiny_tokenizer
-        from test_cache import randomize_gates
+        from test_cache import randomize_gates, randomize_heads
         from transformers import AutoModelForCausalLM
 
         base = save_tiny_tokenizer(save_tiny_model(root / "base"))
         model = randomize_gates(trimkv.attach_gates(AutoModelForCausalLM.from_pretrained(base)))
         trimkv.save_gates(model, root / "gates", base_model=str(base))
-    args = ["generate", "--model", str(root / "gates"), "--policy", policy, "--memory-size", "6",
+        heads = trimkv.attach_retaining_heads(model, trimkv.LocretConfig(intermediate_size=32))
+        trimkv.save_retaining_heads(randomize_heads(heads), root / "heads", base_model=str(base))
+    checkpoint = root / ("heads" if "locret_score" in trimkv.POLICIES[policy].needs else "gates")
+    args = ["generate", "--model", str(checkpoint), "--policy", policy, "--memory-size", "6",
             "--buffer-size", "2", "--prompt", PROMPT, "--max-new-tokens", "4", "--json", "--device", "cpu"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)

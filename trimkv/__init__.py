@@ -5,6 +5,7 @@ from trimkv.cache import BoundedCache, make_cache
 from trimkv.checkpoint import load_gates, load_pretrained, save_gates
 from trimkv.gates import GateConfig, RetentionGate, attach_gates
 from trimkv.hooks import prepare, retention, unprepare
+from trimkv.locret import LocretConfig, attach_retaining_heads, save_retaining_heads
 from trimkv.policies import POLICIES
 
 __version__ = "0.1.0"
@@ -13,13 +14,16 @@ __all__ = [
     "POLICIES",
     "BoundedCache",
     "GateConfig",
+    "LocretConfig",
     "RetentionGate",
     "attach_gates",
+    "attach_retaining_heads",
     "load_gates",
     "load_pretrained",
     "make_cache",
     "prepare",
     "retention",
     "save_gates",
+    "save_retaining_heads",
     "unprepare",
 ]

@@ -43,7 +43,7 @@ class Checkpoint:
     """A checkpoint read from disk and validated against its own config; not yet applied to a model."""
 
     path: Path
-    format: str  # "trimkv" | "upstream"
+    format: str  # "trimkv" | "upstream" | "locret" (trimkv/locret.py: LocRet heads, gate_config a LocretConfig)
     architecture: dict[str, Any]  # ARCHITECTURE_FIELDS -> value
     gate_config: GateConfig
     base_model: str | None
@@ -129,7 +129,11 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, revision: str | None = No
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint directory of either format and check its tensors against its own config."""
+    from trimkv import locret
+
     path = Path(path)
+    if (path / locret.CONFIG_FILE).is_file():  # LocRet retaining heads (trimkv/locret.py)
+        return locret.read_checkpoint(path)
     if (path / CONFIG_FILE).is_file():
         ckpt = _read_ours(path)
     elif (path / UPSTREAM_CONFIG_FILE).is_file() and (path / UPSTREAM_WEIGHTS_FILE).is_file():
@@ -199,6 +203,10 @@ def _read_upstream(path: Path) -> Checkpoint:
 
 def _apply(ckpt: Checkpoint, model: nn.Module) -> nn.Module:
     """Check the architecture, attach gates, copy the checkpoint's tensors in, and record provenance."""
+    if ckpt.format == "locret":
+        from trimkv.locret import apply_checkpoint
+
+        return apply_checkpoint(ckpt, model)
     _check_architecture(ckpt, model.config)
     attach_gates(model, ckpt.gate_config)
     params = gate_parameters(model)

@@ -9,6 +9,7 @@ from trimkv.policies.full import Full
 from trimkv.policies.h2o import H2O
 from trimkv.policies.keydiff import KeyDiff
 from trimkv.policies.knorm import KNorm
+from trimkv.policies.locret import Locret
 from trimkv.policies.random import Random
 from trimkv.policies.rkv import RKV
 from trimkv.policies.snapkv import SnapKV
@@ -16,7 +17,7 @@ from trimkv.policies.streaming import StreamingLLM
 from trimkv.policies.tova import TOVA
 from trimkv.policies.trimkv import TrimKV
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (TrimKV, Full, StreamingLLM, H2O, SnapKV, KeyDiff, RKV, TOVA, KNorm, Random)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (TrimKV, Full, StreamingLLM, H2O, SnapKV, KeyDiff, RKV, TOVA, KNorm, Random, Locret)}
 
 
 def get_policy(name: str, **kwargs) -> Policy:

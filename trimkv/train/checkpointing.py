@@ -1,6 +1,7 @@
 """Training checkpoints: OUT/checkpoints/step-NNNNNNNN/, one directory per saved step.
 
-    trimkv_gates.safetensors, trimkv_config.json   the gates (trimkv.save_gates; loadable as is)
+    trimkv_gates.safetensors, trimkv_config.json   the gates (trimkv.save_gates; loadable as is), or with
+                                                   --method locret locret_heads.safetensors, locret_config.json
     optimizer.pt, scheduler.pt                     AdamW and the schedule (DeepSpeed: deepspeed/ instead)
     rng-rank{r}.pt                                 each process's torch / CUDA / Python RNG state
     trainer_state.pt                               step, data position, metrics so far, the options, world size
@@ -57,7 +58,7 @@ def find(cfg, ckpt_dir: Path) -> Path | None:
 def save(path: Path, cfg, model, optimizer, scheduler, engine, data_state: dict, state: dict, rank: int,
          world: int) -> Path:
     """Everything needed to continue exactly. Every process calls it (RNG states; DeepSpeed's shards)."""
-    import trimkv
+    from trimkv.train.methods import METHODS
 
     tmp = path.with_name(f".{path.name}.tmp")
     if rank == 0:
@@ -68,8 +69,8 @@ def save(path: Path, cfg, model, optimizer, scheduler, engine, data_state: dict,
     if engine is not None:
         engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False, exclude_frozen_parameters=True)
     if rank == 0:
-        trimkv.save_gates(model, tmp, base_model=cfg.model, revision=cfg.revision,
-                          extra=gate_extra(cfg, state["step"], state["tokens"]))
+        METHODS[cfg.method].save(model, tmp, base_model=cfg.model, revision=cfg.revision,
+                                 extra=gate_extra(cfg, state["step"], state["tokens"]))
         if engine is None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -93,7 +94,7 @@ def save(path: Path, cfg, model, optimizer, scheduler, engine, data_state: dict,
 def load(path: Path, cfg, model, optimizer, scheduler, engine, stream, rank: int, world: int, log) -> dict:
     """Restore gates, optimizer, scheduler, data position and RNG states; returns the trainer's state dict."""
     from trimkv.checkpoint import read_checkpoint
-    from trimkv.gates import gate_parameters
+    from trimkv.train.methods import METHODS
 
     saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     changed = [k for k, v in saved["config"].items() if k not in RESUMABLE_CHANGES and getattr(cfg, k, v) != v]
@@ -107,7 +108,7 @@ def load(path: Path, cfg, model, optimizer, scheduler, engine, stream, rank: int
     else:
         tensors = read_checkpoint(path).tensors
         with torch.no_grad():
-            for name, p in gate_parameters(model).items():
+            for name, p in METHODS[cfg.method].parameters(model).items():
                 p.copy_(tensors[name])
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))

@@ -109,15 +109,16 @@ def fill_deepspeed_config(ds: dict, path: str, grad_accum: int, max_grad_norm: f
         raise ValueError(f"{path}: remove 'optimizer'/'scheduler': the trainer builds AdamW + cosine itself")
 
 
-def gather_fp32_gates(model, engine) -> None:
-    """Under DeepSpeed bf16 the module's gates are bf16 copies: put the fp32 master weights back before saving."""
+def gather_fp32_gates(model, engine, parameters: dict | None = None) -> None:
+    """Under DeepSpeed bf16 the module's gates are bf16 copies: put the fp32 master weights back before saving.
+    parameters: the trained tensors by name (default: the gates)."""
     if engine is None:
         return
     from deepspeed.utils import safe_get_full_fp32_param
 
     from trimkv.gates import gate_parameters
 
-    for p in gate_parameters(model).values():
+    for p in (parameters if parameters is not None else gate_parameters(model)).values():
         full = safe_get_full_fp32_param(p)  # a collective: every process calls it
         if full is not None:
             p.data = full.detach().float().clone()

@@ -1,5 +1,8 @@
 """Train TRIM-KV retention gates on a frozen base model: `python -m trimkv train --model ... --data ... --out ...`.
 
+`--method locret` trains the LocRet baseline's retaining heads instead (methods.py, locret_loss.py): the same
+loop, data, checkpoints and outputs, one forward of the base model per sequence, heads saved as locret_heads.*.
+
 One step: for each of grad_accum micro-batches (one sequence per process), the base model runs twice on the
 same tokens, as teacher (its plain attention, no grad) and as student (retention-gated attention, the gates'
 log beta on every key); the loss (losses.py) reaches only the gates. Then gradients are averaged over
@@ -34,11 +37,11 @@ import torch.distributed as dist
 from trimkv.train import checkpointing, distributed
 from trimkv.train import data as train_data
 from trimkv.train.checkpointing import gate_extra, write_json
-from trimkv.train.losses import CAPACITY_FORMS, LOSS_PARTS, objective
+from trimkv.train.losses import CAPACITY_FORMS
+from trimkv.train.methods import METHODS
 
 EXIT_PREEMPTED = 128 + signal.SIGTERM  # 143, what a shell reports for a SIGTERM'd job: the workflow retries
 EXIT_NONFINITE = 3
-LOGGED = ("loss", *LOSS_PARTS, "beta_mean", "tokens")  # per micro-batch, summed over micro-batches and processes
 
 
 def option(default=MISSING, help: str = "", **argparse_kwargs):
@@ -86,6 +89,12 @@ class TrainConfig:
     log_every: int = option(1, help="write a train.log line every N steps")
     logit_block: int = option(1024, help="positions per block of the chunked lm_head in the loss")
     device: str | None = option(None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
+    method: str = option("trimkv", help="what trains: 'trimkv' retention gates (the paper) or 'locret' retaining "
+                                        "heads (the LocRet baseline, arXiv 2410.01805)", choices=tuple(METHODS))
+    locret_intermediate_size: int = option(1024, help="--method locret: hidden width of the retaining heads "
+                                                      "(released LocRet code: 1024)")
+    smoothness_weight: float = option(0.0025, help="--method locret: weight alpha of the smoothness term "
+                                                   "(LocRet paper: 0.0025)")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -143,16 +152,15 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> int:
     main_process = rank == 0
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
-    attention = cfg.attention if cfg.attention != "auto" else ("flex" if device.type == "cuda" else "reference")
-    if attention == "flex" and device.type != "cuda":
-        raise ValueError("--attention flex trains on CUDA only (FlexAttention has no CPU backward); use reference")
+    method = METHODS[cfg.method]
+    attention = method.attention(cfg, device)
+    logged = (*method.logged, "tokens")  # per micro-batch, summed over micro-batches and processes
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "train.log" if main_process else None)
 
-    # ---- 3. model: frozen base + trainable gates --------------------------------------------------------------
-    import trimkv
-    from trimkv.gates import decoder_layers, gate_parameters, gates
+    # ---- 3. model: frozen base + trainable gates (or heads) ---------------------------------------------------
+    from trimkv.gates import decoder_layers
 
     model = AutoModelForCausalLM.from_pretrained(cfg.model, revision=cfg.revision, dtype=dtype,
                                                  attn_implementation="sdpa").to(device)
@@ -160,15 +168,15 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> int:
         raise ValueError(f"{cfg.model}: final_logit_softcapping is not supported by the chunked loss")
     model.requires_grad_(False)
     torch.manual_seed(cfg.seed)  # the same gate init in every process
-    trimkv.attach_gates(model, trimkv.GateConfig(intermediate_size=cfg.gate_intermediate_size,
-                                                 bias_init=cfg.gate_bias_init))
+    method.attach(model, cfg)
+    named = method.parameters(model)
     if ds_config is None:
-        for gate in gates(model):
-            gate.float()  # fp32 master weights: a bf16 bias of 10 cannot move by lr 2e-4 steps
-    params = list(gate_parameters(model).values())
+        for p in named.values():
+            p.data = p.data.float()  # fp32 master weights: a bf16 bias of 10 cannot move by lr 2e-4 steps
+    params = list(named.values())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if trainable != set(gate_parameters(model)):
-        raise RuntimeError(f"only the gates may train, but so would {sorted(trainable - set(gate_parameters(model)))}")
+    if trainable != set(named):
+        raise RuntimeError(f"only the {method.name} modules may train, but so would {sorted(trainable - set(named))}")
     teacher_impl, student_impl = model.config._attn_implementation, f"trimkv_{attention}"
     model.config._attn_implementation = student_impl  # from here on; objective() switches for the teacher
     model.eval()  # no dropout: the teacher must be the base model itself
@@ -199,7 +207,6 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> int:
                                                                optimizer=optimizer, lr_scheduler=scheduler,
                                                                config=ds_config)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and engine is None else nullcontext()
-    weights = {"kl": cfg.kl_weight, "ntp": cfg.ntp_weight, "capacity": cfg.capacity_weight}
     model.config.use_cache = False
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -212,7 +219,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> int:
     step, last_saved = state["step"], source
     log(f"{'resuming from ' + str(source) if source else 'starting'} at step {step}/{cfg.max_steps}: "
         f"{world} process(es) on {device}, {dtype}, student attention {student_impl}, "
-        f"{sum(p.numel() for p in params):,} gate parameters")
+        f"{sum(p.numel() for p in params):,} trainable {method.name} parameters")
 
     # ---- 6. train -----------------------------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -223,7 +230,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> int:
     try:
         while step < cfg.max_steps and not stopping:
             step_start_data, t0, lr = stream.state_dict(), time.perf_counter(), scheduler.get_last_lr()[0]
-            sums = torch.zeros(len(LOGGED), device=device)  # summed over micro-batches and processes
+            sums = torch.zeros(len(logged), device=device)  # summed over micro-batches and processes
             for micro in range(cfg.grad_accum):
                 stopping = distributed.any_process(bool(stop), world, device)
                 if stopping:  # SIGTERM here or in another process
@@ -238,14 +245,13 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> int:
                 ids[0, :n] = mine
                 ids = ids.to(device)  # (1, T), T >= n
                 with autocast:
-                    parts = objective(model, ids, cfg.memory_size, teacher_impl, weights=weights,
-                                      capacity_form=cfg.capacity_form, logit_block=cfg.logit_block, length=n)
+                    parts = method.objective(model, ids, cfg, teacher_impl, n)
                 loss = parts["loss"]
-                local = torch.stack([parts[k].detach() for k in LOGGED[:-1]] +
+                local = torch.stack([parts[k].detach() for k in logged[:-1]] +
                                     [torch.tensor(float(n), device=device)])
                 if world > 1:
                     dist.all_reduce(local)  # a NaN anywhere stops every process at the same point
-                check_finite(local, step + 1, micro + 1, last_saved)
+                check_finite(local, logged, step + 1, micro + 1, last_saved)
                 sums += local
                 if engine is not None:
                     engine.backward(loss)  # scales by 1 / grad_accum itself
@@ -269,15 +275,15 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> int:
             step += 1
             seconds = time.perf_counter() - t0
             batches = cfg.grad_accum * world
-            record = {"step": step, **{k: float(sums[i]) / batches for i, k in enumerate(LOGGED[:-1])},
+            record = {"step": step, **{k: float(sums[i]) / batches for i, k in enumerate(logged[:-1])},
                       "lr": lr, "grad_norm": grad_norm, "tokens": int(sums[-1]),
                       "tokens_per_s": float(sums[-1]) / seconds, "seconds": seconds}
             state["history"].append(record)
             state["step"], state["tokens"], state["elapsed_s"] = step, state["tokens"] + record["tokens"], \
                 state["elapsed_s"] + seconds
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}", ntp=f"{record['ntp']:.3f}",
-                            cap=f"{record['capacity']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in logged[:-1]}, tok_s=f"{record['tokens_per_s']:.0f}",
+                            refresh=False)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 log(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
                     console=False)
@@ -305,12 +311,12 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> int:
         return EXIT_PREEMPTED
 
     # ---- 7. outputs ---------------------------------------------------------------------------------------------
-    distributed.gather_fp32_gates(model, engine)
+    distributed.gather_fp32_gates(model, engine, named)
     if main_process:
-        trimkv.save_gates(model, out, base_model=cfg.model, revision=cfg.revision,
-                          extra=gate_extra(cfg, step, state["tokens"]))
+        method.save(model, out, base_model=cfg.model, revision=cfg.revision,
+                    extra=gate_extra(cfg, step, state["tokens"]))
         write_json(out / "metrics.json", metrics_record(state, cfg, complete=True))
-    log(f"done: {step} steps, {state['tokens']:,} tokens; gates in {out}")
+    log(f"done: {step} steps, {state['tokens']:,} tokens; {method.name} weights in {out}")
     distributed.cleanup(own_group)
     return 0
 
@@ -396,8 +402,8 @@ def padded_length(n: int, max_length: int, attention: str) -> int:
     return max(n, min(max_length, max(1024, 1 << (n - 1).bit_length())))
 
 
-def check_finite(values: torch.Tensor, step: int, micro: int, last_saved: Path | None) -> None:
-    bad = [(name, float(values[i])) for i, name in enumerate(LOGGED) if not math.isfinite(float(values[i]))]
+def check_finite(values: torch.Tensor, names: tuple[str, ...], step: int, micro: int, last_saved: Path | None) -> None:
+    bad = [(name, float(values[i])) for i, name in enumerate(names) if not math.isfinite(float(values[i]))]
     if bad:
         name, value = bad[0]
         raise NonFiniteLossError(f"non-finite loss at step {step} (micro-batch {micro}): {name} = {value}; "
@@ -410,7 +416,7 @@ def params_record(cfg, model, world, attention, dtype, n_params) -> dict:
     import trimkv
 
     return {**asdict(cfg), "world_size": world, "student_attention": f"trimkv_{attention}", "dtype": str(dtype),
-            "gate_config": model.trimkv_gate_config.to_dict(), "gate_tensors": n_params,
+            **METHODS[cfg.method].describe(model), "gate_tensors": n_params,
             "gate_parameters": sum(p.numel() for n, p in model.named_parameters() if p.requires_grad),
             "versions": {"trimkv": trimkv.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__}}
