@@ -22,7 +22,11 @@ def _check_names():
             f"config: report.retention.model: unknown model {retention['model']!r}"
         )
     for name, model in MODELS.items():
-        for dataset in model["gates"]["data"]:
+        if "locret" in POLICIES and "locret" not in model:
+            raise ValueError(
+                f"config: models.{name}.locret is required when policies include locret"
+            )
+        for dataset in model["gates"]["data"] + model.get("locret", {}).get("data", []):
             if dataset != "synthetic" and dataset not in config.get("datasets", {}):
                 raise ValueError(
                     f"config: models.{name}.gates.data: {dataset!r} is not in datasets"
@@ -63,19 +67,31 @@ def dataset_dir(name: str) -> str:
     return f"resources/data/{name}"
 
 
-def train_data_input(wildcards):
-    return [
-        f"{dataset_dir(d)}/manifest.json"
-        for d in MODELS[wildcards.model]["gates"]["data"]
+def train_data_input(method: str):
+    """Input function: the manifests of the datasets models.<model>.<method> trains on."""
+    return lambda wc: [
+        f"{dataset_dir(d)}/manifest.json" for d in MODELS[wc.model][method]["data"]
     ]
 
 
-def train_data_files(wildcards):
+def train_data_files(method: str):
     """The synthetic task's train split; a fetched dataset's directory (the trainer reads its manifest)."""
-    return [
+    return lambda wc: [
         f"{dataset_dir(d)}/train.jsonl" if d == "synthetic" else dataset_dir(d)
-        for d in MODELS[wildcards.model]["gates"]["data"]
+        for d in MODELS[wc.model][method]["data"]
     ]
+
+
+def learned_dir(model: str, policy: str) -> str:
+    """What an evaluation loads: LocRet's heads for the locret policy, the TRIM-KV gates otherwise."""
+    return f"results/locret/{model}" if policy == "locret" else f"results/gates/{model}"
+
+
+def learned_config(wildcards) -> str:
+    name = (
+        "locret_config.json" if wildcards.policy == "locret" else "trimkv_config.json"
+    )
+    return f"{learned_dir(wildcards.model, wildcards.policy)}/{name}"
 
 
 def benchmark_models(benchmark: str) -> list[str]:
@@ -125,6 +141,8 @@ def config_hash() -> str:
 
 def all_outputs() -> list[str]:
     outputs = [f"results/gates/{m}/trimkv_config.json" for m in MODELS]
+    if "locret" in POLICIES:
+        outputs += [f"results/locret/{m}/locret_config.json" for m in MODELS]
     outputs += eval_cells()
     outputs += [
         "results/tables",

@@ -3,7 +3,7 @@
 
 rule evaluate:
     input:
-        gates="results/gates/{model}/trimkv_config.json",
+        learned=learned_config,
         data=eval_data,
     output:
         metrics="results/eval/{model}/{benchmark}/{policy}/{budget}/metrics.json",
@@ -19,12 +19,13 @@ rule evaluate:
         gpu=lambda wc: config.get("eval_gpus", 0),
         runtime=lambda wc: BENCHMARKS[wc.benchmark].get("runtime", 60),
     params:
+        model=lambda wc: learned_dir(wc.model, wc.policy),
         budget=lambda wc: "" if wc.budget == "full" else f"--budget {wc.budget}",
         options=lambda wc: cli_options(
             {**config.get("eval", {}), **BENCHMARKS[wc.benchmark].get("options", {})}
         ),
     shell:
-        "python -m trimkv eval --model results/gates/{wildcards.model} --benchmark {wildcards.benchmark}"
+        "python -m trimkv eval --model {params.model} --benchmark {wildcards.benchmark}"
         " --data-dir resources/data/{wildcards.benchmark} --policy {wildcards.policy} {params.budget}"
         " --out results/eval/{wildcards.model}/{wildcards.benchmark}/{wildcards.policy}/{wildcards.budget}"
         " --no-progress {params.options} 2> {log}"

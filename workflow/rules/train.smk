@@ -1,17 +1,18 @@
-# Retention gates per base model: the paper's objective, base model frozen.
+# Learned retention per base model, base model frozen, one trainer: TRIM-KV's gates (the paper's
+# objective) and LocRet's retaining heads (the learned baseline).
 
 
 rule train_gates:
     input:
         base=base_model_input,
-        data=train_data_input,
+        data=train_data_input("gates"),
     output:
-        gates="results/gates/{model}/trimkv_config.json",
+        config="results/gates/{model}/trimkv_config.json",
         metrics="results/gates/{model}/metrics.json",
     log:
-        "logs/train/{model}.log",
+        "logs/train/{model}.gates.log",
     benchmark:
-        "benchmarks/train/{model}.tsv"
+        "benchmarks/train/{model}.gates.tsv"
     conda:
         "../../envs/train.yaml"
     resources:
@@ -19,10 +20,37 @@ rule train_gates:
         runtime=lambda wc: MODELS[wc.model]["gates"].get("runtime", 60),
     params:
         base=lambda wc: base_model(wc.model),
-        data=train_data_files,
-        gates=lambda wc: MODELS[wc.model]["gates"],
+        data=train_data_files("gates"),
+        spec=lambda wc: MODELS[wc.model]["gates"],
         options=lambda wc: cli_options(MODELS[wc.model]["gates"].get("options")),
     shell:
-        "python -m trimkv train --model {params.base} --data {params.data} --out results/gates/{wildcards.model}"
-        " --memory-size {params.gates[memory_size]} --max-length {params.gates[max_length]}"
-        " --max-steps {params.gates[max_steps]} {params.options} 2> {log}"
+        "python -m trimkv train --method trimkv --model {params.base} --data {params.data}"
+        " --out results/gates/{wildcards.model} --memory-size {params.spec[memory_size]}"
+        " --max-length {params.spec[max_length]} --max-steps {params.spec[max_steps]} {params.options} 2> {log}"
+
+
+rule train_locret:
+    input:
+        base=base_model_input,
+        data=train_data_input("locret"),
+    output:
+        config="results/locret/{model}/locret_config.json",
+        metrics="results/locret/{model}/metrics.json",
+    log:
+        "logs/train/{model}.locret.log",
+    benchmark:
+        "benchmarks/train/{model}.locret.tsv"
+    conda:
+        "../../envs/train.yaml"
+    resources:
+        gpu=lambda wc: MODELS[wc.model]["locret"].get("gpus", 0),
+        runtime=lambda wc: MODELS[wc.model]["locret"].get("runtime", 60),
+    params:
+        base=lambda wc: base_model(wc.model),
+        data=train_data_files("locret"),
+        spec=lambda wc: MODELS[wc.model]["locret"],
+        options=lambda wc: cli_options(MODELS[wc.model]["locret"].get("options")),
+    shell:
+        "python -m trimkv train --method locret --model {params.base} --data {params.data}"
+        " --out results/locret/{wildcards.model} --memory-size {params.spec[memory_size]}"
+        " --max-length {params.spec[max_length]} --max-steps {params.spec[max_steps]} {params.options} 2> {log}"
