@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     from trimkv import bench, data, tracking
     from trimkv.eval import runner
     from trimkv.report import cli as report
+    from trimkv.synthetic import cli as synthetic
     from trimkv.train import trainer
 
     trainer.add_parser(sub)
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     report.add_parser(sub)
     tracking.add_parser(sub)
+    synthetic.add_parser(sub)
     return parser
 
 

@@ -43,6 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     source = r.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="the prompt text")
     source.add_argument("--input-file", type=Path, help="a file holding the prompt text")
+    source.add_argument("--benchmark", help="take the prompt of a benchmark sample (with --data-dir, --sample)")
+    r.add_argument("--data-dir", type=Path, default=None, help="the benchmark's data (default: resources/data/NAME)")
+    r.add_argument("--sample", type=int, default=0, help="index of the benchmark sample (default: 0)")
     r.add_argument("--layers", default="0", help="layers to plot: 'all', '0,3' or '0-3' (default: 0)")
     r.add_argument("--heads", default="0", help="KV heads to plot: 'all', '0,1' or '0-3' (default: 0)")
     r.add_argument("--memory-size", type=int, default=None,
@@ -96,6 +99,14 @@ def _retention(args) -> int:
         if not args.input_file.is_file():
             raise ValueError(f"--input-file {args.input_file}: no such file")
         text = args.input_file.read_text(encoding="utf-8")
+    elif args.benchmark is not None:
+        from trimkv.eval import get_benchmark
+
+        samples = get_benchmark(args.benchmark).load(args.data_dir or Path("resources/data") / args.benchmark,
+                                                     limit=args.sample + 1)
+        if len(samples) <= args.sample:
+            raise ValueError(f"--sample {args.sample}: {args.benchmark} has only {len(samples)} samples")
+        text = samples[args.sample].prompt
     else:
         text = args.text
     paths = retention.run(args.model, text, args.out, layers=args.layers, heads=args.heads,
