@@ -303,3 +303,25 @@ def test_failed_overwrite_does_not_look_finished(saved, monkeypatch):
     assert not (path / CONFIG_FILE).exists()  # the old gates stay, but no longer marked complete
     with pytest.raises(ValueError, match="is not a gate checkpoint"):
         load_pretrained(path)
+
+
+def test_upstream_checkpoint_drives_eviction(tmp_path, base_dir):
+    """The imported gates rank tokens: layer 0's kept set equals a brute-force top-M of its log betas."""
+    from test_cache import brute_force_kept, generate, left_padded
+
+    import trimkv
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {GATE_KEY.format(i, name): torch.randn(shape, generator=g) * scale
+               for i in range(2) for name, shape, scale in (("linear1.weight", (32, 64), 0.5),
+                                                            ("linear1.bias", (32,), 0.5),
+                                                            ("linear2.weight", (2, 32), 0.5), ("bias", (2,), 2.0))}
+    path, _ = upstream_checkpoint(tmp_path / "upstream", base_dir, tensors=tensors)
+    model = load_pretrained(path)
+    cache = trimkv.make_cache("trimkv", memory_size=4, buffer_size=2)  # the checkpoint's M=512 would never evict
+    ids, _ = left_padded([12])
+    out = generate(model, ids, cache=cache, max_new_tokens=10)
+    log_beta = trimkv.retention(model, out[:, :-1])[0][0]  # layer 0 sees only the token itself: context-free
+    chunks = [12] + [1] * 9
+    per_pass = [log_beta[:12]] + [log_beta[12 + k: 13 + k] for k in range(9)]
+    assert cache.kept_positions(0)[0].tolist() == brute_force_kept(per_pass, chunks, 4, 2)[-1]
