@@ -33,8 +33,8 @@ def _task_args(p) -> None:
     d = task_module.TaskConfig()
     g = p.add_argument_group("task")
     g.add_argument("--length", type=int, default=d.length,
-                   help=f"tokens per sequence, prompt + answers, <s> and </s> included (default {d.length}: "
-                   "8x a budget of 32)")
+                   help=f"tokens per sequence, prompt + answers, <s> and </s> included (default {d.length}; "
+                   "keep it >= 8x the smallest budget evaluated)")
     g.add_argument("--keys", type=int, default=d.keys, help=f"facts per sequence = answers (default {d.keys})")
     g.add_argument("--values", type=int, default=d.values, help=f"values per key (default {d.values})")
     g.add_argument("--filler", type=int, default=d.filler, help=f"distinct filler words (default {d.filler})")
@@ -42,9 +42,13 @@ def _task_args(p) -> None:
                    help=f"Zipf exponent of the filler words' frequencies, ranking shuffled per sequence; 0 = "
                    f"uniform (default {d.filler_zipf})")
     g.add_argument("--distractor-keys", type=int, default=d.distractor_keys,
-                   help=f"keys whose pairs appear in the prompt but are never asked for (default {d.distractor_keys})")
+                   help=f"keys of the short-lived pairs, each asked for by its cue q<key> a few words later and "
+                   f"never recalled (default {d.distractor_keys})")
     g.add_argument("--distractors", type=float, default=d.distractors,
-                   help=f"fraction of the prompt that is distractor pairs (default {d.distractors})")
+                   help=f"short-lived pair episodes per prompt token, up to --distractor-keys per sequence "
+                   f"(default {d.distractors})")
+    g.add_argument("--distractor-gap", type=int, default=d.distractor_gap,
+                   help=f"most filler words between a short-lived pair and its cue (default {d.distractor_gap})")
     g.add_argument("--facts-span", type=float, default=d.facts_span,
                    help=f"facts lie in this leading fraction of the prompt (default {d.facts_span})")
     g.add_argument("--seed", type=int, default=d.seed, help=f"task seed (default {d.seed})")
@@ -55,7 +59,7 @@ def _add_generate(sub) -> None:
         "generate", help="write train/validation/test splits (jsonl) + task.json + manifest.json",
         description="Write <out>/{train,validation,test}.jsonl (one sequence per line: id, split, prompt, "
         "completion, text = prompt + completion (a plain-text record; a trainer appends </s>), answers, "
-        "fact_positions, values), task.json (the task "
+        "fact_positions, distractor_positions, values), task.json (the task "
         "settings) and manifest.json (sizes and sha256 of each file). Deterministic per --seed; the splits "
         "never share a fact assignment. Pretraining streams further train samples beyond the train split.",
         formatter_class=_FORMATTER)
@@ -73,7 +77,8 @@ def _generate(args) -> int:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
     config = task_module.TaskConfig(length=args.length, keys=args.keys, values=args.values, filler=args.filler,
                                     filler_zipf=args.filler_zipf, distractor_keys=args.distractor_keys,
-                                    distractors=args.distractors, facts_span=args.facts_span, seed=args.seed)
+                                    distractors=args.distractors, distractor_gap=args.distractor_gap,
+                                    facts_span=args.facts_span, seed=args.seed)
     manifest = task_module.write_splits(args.out, config, {"train": args.train, "validation": args.validation,
                                                            "test": args.test})
     sizes = ", ".join(f"{k} {v}" for k, v in manifest["splits"].items())

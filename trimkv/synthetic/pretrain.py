@@ -9,10 +9,11 @@ At the end: greedy generation with a full cache on validation, and the folder is
 model (`save_pretrained` + tokenizer) with `metrics.json` and the `task.json` it was trained on.
 
 Recipe: 2 layers, width 128, 4 query / 2 KV heads of dim 32 (0.61M parameters), AdamW 3e-3, batch 32,
-curriculum 64 -> 128 -> mixed lengths up to 256. Measured: full-cache validation accuracy >= 0.99 after
-100-150 steps (7 of 7 seeds), 20-60 s on 2 idle CPU cores. What made it fast: the loss weighting
-(`prompt_weight`) and the 64-token first stage (answers-only loss with a 128 start: ~150-450 steps;
-a plain LM loss: ~1000+).
+curriculum 64 -> 128 -> mixed lengths up to 256, early stop at 0.99. Measured on the default task
+(seeds 0, 1, 2): stops after 150, 150, 200 steps with full-cache validation accuracy 0.999, 0.990,
+0.9995. Time: ~0.14 s per 64-token step measured on 2 quiet cores, so an estimated 40-60 s of
+training on an idle 2-core machine (measured 2-7 min on one shared with other jobs). What made it fast: the loss weighting
+(`prompt_weight`; a plain LM loss took ~1000 steps) and the 64-token first stage.
 """
 
 from __future__ import annotations
