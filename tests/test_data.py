@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from trimkv import data
+from trimkv.cli import main as trimkv_main
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -103,14 +104,14 @@ def test_verify_detects_changed_truncated_missing_and_unexpected_files(hub, tmp_
 def test_verify_cli_exit_codes(hub, tmp_path, capsys):
     out = tmp_path / "gsm8k"
     data.fetch("gsm8k", out)
-    assert data.main(["verify", str(out)]) == 0
+    assert trimkv_main(["data", "verify", str(out)]) == 0
     (out / "main/test-00000-of-00001.parquet").write_bytes(b"tampered")
-    assert data.main(["verify", str(out)]) == 1
+    assert trimkv_main(["data", "verify", str(out)]) == 1
     assert "truncated or changed" in capsys.readouterr().err
 
 
 def test_unknown_name_lists_the_valid_ones(capsys):
-    assert data.main(["fetch", "nope", "--out", "x"]) == 2
+    assert trimkv_main(["data", "fetch", "nope", "--out", "x"]) == 2
     err = capsys.readouterr().err
     assert "unknown dataset 'nope'; valid datasets:" in err
     for name in ("gsm8k", "math500", "aime24", "longproc", "scbench", "longmemeval", "longbench", "longbench_v2",

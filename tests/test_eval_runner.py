@@ -103,7 +103,7 @@ def test_killed_run_resumes_to_identical_metrics_without_regenerating(model_dir,
 
 
 def test_sigkilled_process_resumes_to_the_same_metrics(model_dir, tmp_path):
-    """A real kill -9 of `python -m trimkv.eval.runner` mid-run, then a rerun of the same command."""
+    """A real kill -9 of `python -m trimkv eval` mid-run, then a rerun of the same command."""
     import os
     import signal
     import subprocess
@@ -111,7 +111,7 @@ def test_sigkilled_process_resumes_to_the_same_metrics(model_dir, tmp_path):
     import time
 
     def command(out):
-        return [sys.executable, "-m", "trimkv.eval.runner", "--model", str(model_dir), "--benchmark", "gsm8k",
+        return [sys.executable, "-m", "trimkv", "eval", "--model", str(model_dir), "--benchmark", "gsm8k",
                 "--policy", "full", "--data-dir", str(FIXTURES / "gsm8k"), "--samples", "4", "--temperature", "0.7",
                 "--max-new-tokens", "24", "--device", "cpu", "--no-progress", "--out", str(out)]
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 from test_report_fixtures import eval_job, paper_like
 
-from trimkv.report.cli import main
+from trimkv.cli import main as trimkv_main
+
+
+def main(argv):
+    return trimkv_main(["report", *argv])
 from trimkv.report.collect import load_eval
 from trimkv.report.figures import budget_figure
 

@@ -13,7 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trimkv
 from trimkv.compat import generate_cache_kwarg
-from trimkv.report.cli import main
+from trimkv.cli import main as trimkv_main
+
+
+def main(argv):
+    return trimkv_main(["report", *argv])
 from trimkv.report.retention import eviction_matrix, parse_indices, retention_matrix, trace
 
 TEXT = " ".join(f"w{4 + (i * 7) % 90}" for i in range(40))  # 40 tokens of the tiny vocabulary

@@ -9,7 +9,11 @@ import re
 import pytest
 from test_report_fixtures import bench_job, eval_job, paper_like
 
-from trimkv.report.cli import main
+from trimkv.cli import main as trimkv_main
+
+
+def main(argv):
+    return trimkv_main(["report", *argv])
 from trimkv.report.tables import MISSING, build_tables
 
 

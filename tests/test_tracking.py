@@ -8,7 +8,12 @@ import shutil
 import pytest
 from test_report_fixtures import eval_job, gate_run, paper_like, write_json
 
-from trimkv.tracking import JOB_TAG, import_results, main
+from trimkv.cli import main as trimkv_main
+from trimkv.tracking import JOB_TAG, import_results
+
+
+def main(argv):
+    return trimkv_main(["track", *argv])
 
 pytest.importorskip("mlflow")
 

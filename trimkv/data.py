@@ -335,19 +335,3 @@ def _list_cmd(args) -> int:
     for s in sorted(SOURCES.values(), key=lambda s: (s.role, s.name)):
         print(f"{s.name:14} {s.role:5} {s.repo or '-'}@{s.revision or '-'}  {s.note}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m trimkv.data ...`), the same as `python -m trimkv data ...`."""
-    parser = argparse.ArgumentParser(prog="python -m trimkv.data")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["data", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -32,7 +32,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -374,19 +373,3 @@ def _summary(client, experiment_id: str, runs: list, per_stage: dict[str, int], 
             client.log_artifacts(run_id, str(directory), artifact_path=name)
     client.set_terminated(run_id, status="FINISHED", end_time=now)
     return run_id
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m trimkv.tracking ...`), the same as `python -m trimkv track ...`."""
-    parser = argparse.ArgumentParser(prog="python -m trimkv")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["track", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -451,19 +450,3 @@ def summarize(rows: list[dict[str, Any]], bench: Benchmark, params: dict[str, An
         "benchmark_metrics": bench.aggregate(rows),
         "params": params,
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m trimkv.eval.runner ...`), the same as `python -m trimkv eval ...`."""
-    parser = argparse.ArgumentParser(prog="python -m trimkv.eval.runner")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -115,19 +115,3 @@ def _retention(args) -> int:
                           max_input_tokens=args.max_input_tokens, tokenizer=args.tokenizer, device=args.device,
                           dtype=args.dtype)
     return _report(paths, args.out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m trimkv.report.cli ...`), the same as `python -m trimkv report ...`."""
-    parser = argparse.ArgumentParser(prog="python -m trimkv")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["report", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
