@@ -164,6 +164,48 @@ def test_longproc(tokenizer):
     assert bench.score(code, program.replace("a+b", "a-b"))["score"] == 0.0
 
 
+def test_longproc_travel_planning(tokenizer):
+    bench, samples = load("longproc", subset="travel_planning_2k,travel_planning_8k")
+    # one file for both lengths, split by estimated_output_tokens (850 -> 2k, 5200 -> 8k, 3000 -> neither)
+    assert [(s.id, s.meta["cities"], s.meta["max_new_tokens"]) for s in samples] == [
+        ("travel_planning_2k/0", "Lisbon**Prague**Vienna", 3072),
+        ("travel_planning_8k/0", "Riga**Oslo**Milan**Athens", 10240)]
+    lisbon = samples[0]
+    # the template from prompts.yaml, the demonstration built from the ICL file, then the problem
+    assert lisbon.prompt.startswith("Plan the trip by searching day by day")
+    assert "# Example\nA week in 3 European cities" in lisbon.prompt
+    assert " |- Check for direct flight from the starting point to Porto." in lisbon.prompt
+    assert "<Plan>\n**Day 1-3:** Arriving in Valencia and visit Valencia for 3 days." in lisbon.prompt
+    assert lisbon.prompt.endswith(
+        "YOUR TASK:\nYou will spend 12 days touring 3 European cities, flying only direct. Vienna gets 5 days. "
+        "Prague gets 5 days, and a concert there runs from day 4 to day 8. Lisbon gets 4 days.\n\nDirect flights "
+        "exist between these cities:\nfrom Lisbon to Prague, from Prague to Vienna, from Vienna to Lisbon.\n\n"
+        "Plan the 12 days using direct flights only.")
+    assert bench.render(lisbon, tokenizer).startswith("<|user|>\nPlan the trip")
+    for sample in samples:
+        assert bench.score(sample, sample.references[0])["score"] == 1.0
+    assert bench.score(samples[1], samples[0].references[0])["score"] == 0.0
+    summary = bench.aggregate([{"category": s.category, **bench.score(s, "no plan")} for s in samples])
+    assert summary["longproc"]["travel_planning_8k"] == {"accuracy": 0.0, "partial_accuracy": 0.0,
+                                                         "extraction_rate": 0.0}
+
+
+def test_longproc_travel_planning_checks_the_gold_plan(tmp_path):
+    import json
+    import shutil
+
+    root = tmp_path / "longproc"
+    shutil.copytree(FIXTURES / "longproc" / "data" / "travel_planning", root / "data" / "travel_planning")
+    data = root / "data" / "travel_planning" / "travel_planning_all.json"
+    rows = json.loads(data.read_text())
+    rows[0]["ground_truth_plan"] = rows[0]["ground_truth_plan"].replace("Prague for 5 days", "Prague for 6 days")
+    data.write_text(json.dumps(rows))
+    bench = get_benchmark("longproc")
+    bench.configure(subset="travel_planning_2k")
+    with pytest.raises(ValueError, match="trip_fixture_lisbon: the searched plan differs from ground_truth_plan"):
+        bench.load(root)
+
+
 def test_longmemeval_prompt_and_judge_parsing(tokenizer, monkeypatch):
     bench, samples = load("longmemeval", judge_model="stub")
     first = samples[0]
