@@ -102,7 +102,7 @@ def test_flex_matches_reference(T, S):
 
 def test_backend_by_name():
     q, k, v, log_beta = make_inputs(3, 5)
-    assert set(BACKENDS) == {"reference", "flex"}
+    assert set(BACKENDS) == {"reference", "flex", "triton"}
     torch.testing.assert_close(retention_attention(q, k, v, log_beta), retention_attention_reference(q, k, v, log_beta))
     with pytest.raises(ValueError, match="unknown retention attention backend 'nope'"):
         retention_attention(q, k, v, log_beta, backend="nope")

@@ -61,7 +61,7 @@ def test_flex_capacity_matches_blocks_on_gpu(form):
 
 
 def test_bf16_flex_training_with_checkpointing(files, tmp_path):  # noqa: F811
-    cfg = config(files, tmp_path / "o", max_steps=3, grad_accum=2, gradient_checkpointing=True)
+    cfg = config(files, tmp_path / "o", max_steps=3, grad_accum=2, gradient_checkpointing=True, attention="flex")
     assert train(cfg) == 0
     params = json.loads((tmp_path / "o" / "params.json").read_text())
     assert params["student_attention"] == "trimkv_flex" and params["dtype"] == "torch.bfloat16"

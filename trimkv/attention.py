@@ -8,9 +8,10 @@ so each softmax weight is multiplied by beta_i^(t - i): an ALiBi-like bias with 
 per key token and KV head. GQA: query head h reads KV head h // G, G = Hq // Hkv (as `repeat_kv`).
 Inference uses plain attention; beta only ranks tokens for eviction (see `trimkv.cache`).
 
-Backends: `reference` (plain PyTorch, any device) and `flex` (`flex_attention`, compiled on CUDA).
-`register()` adds both to transformers as `trimkv_reference` / `trimkv_flex`, each with the sdpa
-mask builder so the model hands us a bool 4D mask (True = attend) or None.
+Backends: `reference` (plain PyTorch, any device), `flex` (`flex_attention`, compiled on CUDA) and
+`triton` (our fused kernel, `trimkv.kernels.retention_attention`, CUDA; needs the triton package).
+`register()` adds them to transformers as `trimkv_reference` / `trimkv_flex` / `trimkv_triton`, each
+with the sdpa mask builder so the model hands us a bool 4D mask (True = attend) or None.
 """
 
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 LOG_BETA_KWARG = "retention_log_beta"
-RETENTION_IMPLEMENTATIONS = ("trimkv_reference", "trimkv_flex")  # attn_implementation names (training)
+RETENTION_IMPLEMENTATIONS = ("trimkv_reference", "trimkv_flex", "trimkv_triton")  # attn_implementation names
 
 
 def retention_attention_reference(
@@ -124,9 +125,18 @@ def retention_attention_flex(
     return flex(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=True)
 
 
+def retention_attention_triton(query: Tensor, key: Tensor, value: Tensor, log_beta: Tensor,
+                               scaling: float | None = None, attention_mask: Tensor | None = None) -> Tensor:
+    """Same formula, by the fused Triton kernel (imported on first use, so triton stays optional)."""
+    from trimkv.kernels.retention_attention import retention_attention_triton as kernel
+
+    return kernel(query, key, value, log_beta, scaling=scaling, attention_mask=attention_mask)
+
+
 BACKENDS: dict[str, Callable[..., Tensor]] = {
     "reference": retention_attention_reference,
     "flex": retention_attention_flex,
+    "triton": retention_attention_triton,
 }
 
 
@@ -179,7 +189,7 @@ def retention_attention_forward(
 
 
 def register() -> None:
-    """Register `trimkv_reference` and `trimkv_flex` with transformers' attention and mask interfaces.
+    """Register `trimkv_reference`, `trimkv_flex`, `trimkv_triton` with transformers' attention and mask interfaces.
     Adds new names only; nothing existing is patched."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask

@@ -126,7 +126,7 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384], help="sequence lengths")
     p.add_argument("--steps", type=int, default=3, help="timed steps per length (after one warm-up step)")
     p.add_argument("--memory-size", type=int, default=1024, help="budget M of the capacity loss")
-    p.add_argument("--attention", choices=("flex", "reference"), default="flex", help="student attention backend")
+    p.add_argument("--attention", choices=("flex", "triton", "reference"), default="flex", help="student attention backend")
     p.add_argument("--checkpointing", choices=("off", "on", "both"), default="both", help="gradient checkpointing")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers (quick checks)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer d=64 model (CPU smoke test)")

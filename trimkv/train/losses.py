@@ -118,8 +118,8 @@ def capacity_loss(log_betas: list[Tensor], memory_size: int, form: str = "releas
                   block_elements: int = 1 << 24, backend: str = "auto") -> Tensor:
     """L_cap over all layers: log_betas is one (B, T, H_kv) tensor per layer (the gates' outputs).
 
-    backend: how S_t is computed: "flex" (`log_capacity_flex`, CUDA), "blocks" (`log_capacity`, any device),
-    "auto" = flex on CUDA.
+    backend: how S_t is computed: "triton" (`trimkv.kernels.capacity`, CUDA), "flex" (`log_capacity_flex`,
+    CUDA), "blocks" (`log_capacity`, any device); "auto" = triton on CUDA if installed, else flex; blocks on CPU.
 
     form "released": sum of the positive max(0, (S_t - M) / max(t - M, 1)) over every (layer, batch, head, t),
     divided by how many are positive (0 if none). form "paper": mean of max(0, S_t - M) / t over all of them.
@@ -130,11 +130,18 @@ def capacity_loss(log_betas: list[Tensor], memory_size: int, form: str = "releas
         raise ValueError(f"memory_size must be > 0, got {memory_size}")
     device = log_betas[0].device
     if backend == "auto":
-        backend = "flex" if device.type == "cuda" else "blocks"
+        from trimkv import kernels
+
+        backend = ("triton" if kernels.available() else "flex") if device.type == "cuda" else "blocks"
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     for log_beta in log_betas:
         lb = log_beta.transpose(1, 2)  # (B, H, T)
-        S = (log_capacity_flex(lb) if backend == "flex" else log_capacity(lb, block_elements)).exp()
+        if backend == "triton":
+            from trimkv.kernels.capacity import capacity_sums
+
+            S = capacity_sums(lb)
+        else:
+            S = (log_capacity_flex(lb) if backend == "flex" else log_capacity(lb, block_elements)).exp()
         t = torch.arange(1, S.shape[-1] + 1, device=S.device, dtype=S.dtype)  # tokens seen at step t
         if form == "paper":
             excess = F.relu(S - memory_size) / t

@@ -41,9 +41,12 @@ def _attach_gates(model, cfg) -> None:
 
 
 def _gate_attention(cfg, device: torch.device) -> str:
-    attention = cfg.attention if cfg.attention != "auto" else ("flex" if device.type == "cuda" else "reference")
-    if attention == "flex" and device.type != "cuda":
-        raise ValueError("--attention flex trains on CUDA only (FlexAttention has no CPU backward); use reference")
+    from trimkv import kernels
+
+    auto = ("triton" if kernels.available() else "flex") if device.type == "cuda" else "reference"
+    attention = cfg.attention if cfg.attention != "auto" else auto
+    if attention in ("flex", "triton") and device.type != "cuda":
+        raise ValueError(f"--attention {attention} trains on CUDA only; use reference")
     return attention
 
 

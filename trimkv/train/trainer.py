@@ -74,8 +74,8 @@ class TrainConfig:
                                 choices=CAPACITY_FORMS)
     gate_bias_init: float = option(10.0, help="initial gate bias, beta ~ sigmoid(bias) (upstream code: 10)")
     gate_intermediate_size: int = option(512, help="hidden width of the gate MLP")
-    attention: str = option("auto", help="student attention: reference, flex, or auto (flex on GPU)",
-                            choices=("auto", "reference", "flex"))
+    attention: str = option("auto", help="student attention: reference, flex, triton, or auto (on GPU: triton "
+                                         "if installed, else flex)", choices=("auto", "reference", "flex", "triton"))
     dtype: str = option("auto", help="base model dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float32",
                         choices=("auto", "bfloat16", "float32"))
     gradient_checkpointing: bool = option(False, help="recompute each decoder layer in the backward pass")
