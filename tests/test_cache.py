@@ -33,11 +33,22 @@ def randomize_heads(model, seed=0):
     return model
 
 
+def randomize_attn_gates(model, seed=0):
+    """SeerAttention-R gates with spread-out block logits (no ties)."""
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for p in trimkv.seer.gate_parameters(model).values():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
 def gated(family, seed=0):
-    """Retention gates and LocRet retaining heads, both random: every policy finds the signal it needs."""
+    """Retention gates, LocRet retaining heads and SeerAttention-R gates (blocks of 4), all random: every policy
+    finds the signal it needs."""
     model = trimkv.attach_gates(tiny_model(family, seed=seed))
     trimkv.attach_retaining_heads(model, trimkv.LocretConfig(intermediate_size=32))
-    return randomize_heads(randomize_gates(model, seed), seed)
+    trimkv.attach_attn_gates(model, trimkv.SeerConfig(block_size=4, gate_hidden_size=8))
+    return randomize_attn_gates(randomize_heads(randomize_gates(model, seed), seed), seed)
 
 
 def left_padded(lengths, seed=0):

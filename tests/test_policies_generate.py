@@ -11,7 +11,7 @@ from test_cache import gated, generate, left_padded
 import trimkv
 
 POLICIES = sorted(trimkv.POLICIES)
-BOUNDED = [name for name in POLICIES if trimkv.POLICIES[name].bounded]
+BOUNDED = [name for name in POLICIES if trimkv.POLICIES[name].bounded and not trimkv.POLICIES[name].stores_all]
 LENGTHS = [9, 16, 5]
 
 
@@ -93,7 +93,7 @@ def test_cli_generate_runs_every_policy(tmp_path_factory, policy, capsys):
     root = tmp_path_factory.getbasetemp() / "cli_all_policies"
     if not (root / "gates").exists():
         from conftest import save_tiny_model, save_tiny_tokenizer
-        from test_cache import randomize_gates, randomize_heads
+        from test_cache import randomize_attn_gates, randomize_gates, randomize_heads
         from transformers import AutoModelForCausalLM
 
         base = save_tiny_tokenizer(save_tiny_model(root / "base"))
@@ -101,11 +101,14 @@ def test_cli_generate_runs_every_policy(tmp_path_factory, policy, capsys):
         trimkv.save_gates(model, root / "gates", base_model=str(base))
         heads = trimkv.attach_retaining_heads(model, trimkv.LocretConfig(intermediate_size=32))
         trimkv.save_retaining_heads(randomize_heads(heads), root / "heads", base_model=str(base))
-    checkpoint = root / ("heads" if "locret_score" in trimkv.POLICIES[policy].needs else "gates")
+        seer = trimkv.attach_attn_gates(model, trimkv.SeerConfig(block_size=4, gate_hidden_size=8))
+        trimkv.save_attn_gates(randomize_attn_gates(seer), root / "seer", base_model=str(base))
+    checkpoint = root / ("heads" if "locret_score" in trimkv.POLICIES[policy].needs else
+                         "seer" if policy == "seerattn_r" else "gates")
     args = ["generate", "--model", str(checkpoint), "--policy", policy, "--memory-size", "6",
             "--buffer-size", "2", "--prompt", PROMPT, "--max-new-tokens", "4", "--json", "--device", "cpu"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["policy"] == policy and report["generated_tokens"] == 4
-    if trimkv.POLICIES[policy].bounded:
+    if trimkv.POLICIES[policy].bounded and not trimkv.POLICIES[policy].stores_all:
         assert max(report["kept_per_layer"]) <= 8

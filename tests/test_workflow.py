@@ -37,8 +37,8 @@ def test_offline_preset_dag():
     bounded = [p for p in config["policies"] if trimkv.POLICIES[p].bounded]
     cells = len(config["benchmarks"]["synthetic"]["budgets"]) * len(bounded) + 1
     assert counts == {"synthetic_task": 1, "synthetic_base": 1, "train_gates": 1, "train_locret": 1,
-                      "evaluate": cells, "report_tables": 1, "report_figures": 1, "report_retention": 1, "track": 1,
-                      "all": 1, "total": cells + 9}
+                      "train_seerattn_r": 1, "evaluate": cells, "report_tables": 1, "report_figures": 1,
+                      "report_retention": 1, "track": 1, "all": 1, "total": cells + 10}
 
 
 def test_paper_preset_covers_every_model_benchmark_policy_and_budget():
@@ -50,8 +50,9 @@ def test_paper_preset_covers_every_model_benchmark_policy_and_budget():
     bounded = [p for p in config["policies"] if trimkv.POLICIES[p].bounded]
     cells = sum(len(b.get("models") or config["models"]) * (len(b["budgets"]) * len(bounded) + 1)
                 for b in config["benchmarks"].values())
-    assert counts["evaluate"] == cells == 956  # 7 models, 8 benchmarks, 8 bounded policies x budgets + full
-    assert counts["train_gates"] == counts["train_locret"] == 7 and counts["fetch_dataset"] == len(config["datasets"])
+    assert counts["evaluate"] == cells == 1072  # 7 models, 8 benchmarks, 9 budgeted policies x budgets + full
+    assert counts["train_gates"] == counts["train_locret"] == counts["train_seerattn_r"] == 7
+    assert counts["fetch_dataset"] == len(config["datasets"])
     assert "synthetic_base" not in counts  # the paper preset does not merge the offline one
 
 

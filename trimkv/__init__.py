@@ -7,6 +7,7 @@ from trimkv.gates import GateConfig, RetentionGate, attach_gates
 from trimkv.hooks import prepare, retention, unprepare
 from trimkv.locret import LocretConfig, attach_retaining_heads, save_retaining_heads
 from trimkv.policies import POLICIES
+from trimkv.seer import SeerConfig, attach_attn_gates, save_attn_gates
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,8 @@ __all__ = [
     "GateConfig",
     "LocretConfig",
     "RetentionGate",
+    "SeerConfig",
+    "attach_attn_gates",
     "attach_gates",
     "attach_retaining_heads",
     "load_gates",
@@ -23,6 +26,7 @@ __all__ = [
     "make_cache",
     "prepare",
     "retention",
+    "save_attn_gates",
     "save_gates",
     "save_retaining_heads",
     "unprepare",

@@ -118,7 +118,8 @@ class BoundedCache(Cache):
         super().__init__(layers=[])
         self.policy = policy
         self.prefill_chunk = prefill_chunk
-        self.memory_size = memory_size if policy.bounded else None
+        self.memory_size = memory_size if policy.bounded and not policy.stores_all else None  # None: keep every token
+        self.budget = memory_size if policy.bounded else None  # M as given; what `policy.select` reads within
         self.buffer_size = buffer_size
         self.sink, self.window = sink, window
         self.seen_total = 0  # columns processed, padding included: what generate slices inputs by
@@ -175,6 +176,17 @@ class BoundedCache(Cache):
         """The layer's queries of this pass, (B, H_q, q, D), for policies that score with attention."""
         if self.policy.query_window or self.policy.state:
             self.layers[layer_idx].pass_queries = (query, scaling)
+            self.layers[layer_idx].scaling = scaling
+
+    def layer_mask(self, module, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The mask `module` attends with: the pass's 4-D mask, narrowed to the keys the policy's `select` reads
+        (a policy that reads part of what it stores: seerattn_r); unchanged for every other policy."""
+        keep = self.policy.select(module, query, key, self.seen, self.budget)
+        if keep is None:
+            return mask
+        if mask.dtype == torch.bool:
+            return mask & keep
+        return mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
 
     def after_attention(self, layer_idx: int) -> None:
         """After the layer attended: update the policy's signals, then evict rows that are full."""

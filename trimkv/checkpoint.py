@@ -44,6 +44,7 @@ class Checkpoint:
 
     path: Path
     format: str  # "trimkv" | "upstream" | "locret" (trimkv/locret.py: LocRet heads, gate_config a LocretConfig)
+    #              | "seerattn_r" (trimkv/seer.py: SeerAttention-R AttnGates, gate_config a SeerConfig)
     architecture: dict[str, Any]  # ARCHITECTURE_FIELDS -> value
     gate_config: GateConfig
     base_model: str | None
@@ -129,11 +130,13 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, revision: str | None = No
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint directory of either format and check its tensors against its own config."""
-    from trimkv import locret
+    from trimkv import locret, seer
 
     path = Path(path)
     if (path / locret.CONFIG_FILE).is_file():  # LocRet retaining heads (trimkv/locret.py)
         return locret.read_checkpoint(path)
+    if (path / seer.CONFIG_FILE).is_file():  # SeerAttention-R AttnGates (trimkv/seer.py)
+        return seer.read_checkpoint(path)
     if (path / CONFIG_FILE).is_file():
         ckpt = _read_ours(path)
     elif (path / UPSTREAM_CONFIG_FILE).is_file() and (path / UPSTREAM_WEIGHTS_FILE).is_file():
@@ -205,6 +208,10 @@ def _apply(ckpt: Checkpoint, model: nn.Module) -> nn.Module:
     """Check the architecture, attach gates, copy the checkpoint's tensors in, and record provenance."""
     if ckpt.format == "locret":
         from trimkv.locret import apply_checkpoint
+
+        return apply_checkpoint(ckpt, model)
+    if ckpt.format == "seerattn_r":
+        from trimkv.seer import apply_checkpoint
 
         return apply_checkpoint(ckpt, model)
     _check_architecture(ckpt, model.config)

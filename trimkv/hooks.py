@@ -10,7 +10,8 @@
   after its forward: let the cache evict for that layer;
 - the attention function itself: `prepare` switches `sdpa` / `eager` to `trimkv_sdpa` /
   `trimkv_eager`, the same functions with the same masks, which also show the layer's queries to the
-  cache (attention-based policies score with them). Without a bounded cache they change nothing.
+  cache (attention-based policies score with them) and let it narrow the mask for a policy that reads
+  only part of the cache (seerattn_r). Without a bounded cache they change nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def _observed(stock):
         cache = getattr(module, _CACHE_ATTR, None)
         if cache is not None:
             cache.observe_queries(module.layer_idx, query, kwargs.get("scaling") or query.shape[-1] ** -0.5)
+            attention_mask = cache.layer_mask(module, query, key, attention_mask)  # seerattn_r: its blocks only
         return stock(module)(module, query, key, value, attention_mask, **kwargs)
 
     return attention

@@ -12,12 +12,14 @@ from trimkv.policies.knorm import KNorm
 from trimkv.policies.locret import Locret
 from trimkv.policies.random import Random
 from trimkv.policies.rkv import RKV
+from trimkv.policies.seerattn_r import SeerAttnR
 from trimkv.policies.snapkv import SnapKV
 from trimkv.policies.streaming import StreamingLLM
 from trimkv.policies.tova import TOVA
 from trimkv.policies.trimkv import TrimKV
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (TrimKV, Full, StreamingLLM, H2O, SnapKV, KeyDiff, RKV, TOVA, KNorm, Random, Locret)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (TrimKV, Full, StreamingLLM, H2O, SnapKV, KeyDiff, RKV, TOVA,
+                                                                KNorm, Random, Locret, SeerAttnR)}
 
 
 def get_policy(name: str, **kwargs) -> Policy:

@@ -47,8 +47,11 @@ class Policy:
       state        per-token accumulators the cache stores with each token (zero for new tokens),
                    updated by `observe` after every forward pass (e.g. H2O's attention sums);
       query_window how many of the layer's most recent queries the cache keeps for `score` (0: none);
-      bounded      False for a policy that never evicts;
-      score(view) -> (B, H_kv, N).
+      bounded      False for a policy that never evicts and takes no budget (full);
+      stores_all   True for a policy that takes a budget M but evicts nothing: M limits what attention reads
+                   (its `select`), the cache keeps every token (seerattn_r);
+      score(view) -> (B, H_kv, N);
+      select(...)  which cached keys a layer's attention reads this pass (default: all the mask allows).
     """
 
     name: ClassVar[str]
@@ -56,12 +59,20 @@ class Policy:
     state: ClassVar[tuple[str, ...]] = ()
     query_window: int = 0
     bounded: ClassVar[bool] = True
+    stores_all: ClassVar[bool] = False
 
     def observe(self, view: CacheView, queries: torch.Tensor, query_positions: torch.Tensor) -> None:
         """Update `view.extras[state]` in place from this pass's real queries (B, H_q, q, D), positions (B, q)."""
 
     def score(self, view: CacheView) -> torch.Tensor:
         raise NotImplementedError
+
+    def select(self, module, query: torch.Tensor, key: torch.Tensor, query_positions: torch.Tensor,
+               budget: int | None) -> torch.Tensor | None:
+        """Keys the attention of `module` reads this pass, a bool mask broadcastable to (B, H_q, q, K), or None for
+        every key the cache's mask allows. query (B, H_q, q, D), key (B, H_kv, K, D) as attention gets them;
+        query_positions (B,): position of each row's first new token; budget: the M the cache was made with."""
+        return None
 
 
 def attention_logits(view: CacheView, queries: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:

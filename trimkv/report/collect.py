@@ -44,6 +44,9 @@ FULL = "full"  # the label of the unbounded cache's budget
 # Row order of policies in tables and legends: the full cache first, the method last (as in the paper).
 POLICY_ORDER = ("full", "streaming", "h2o", "snapkv", "tova", "keydiff", "knorm", "random", "rkv", "seerattn",
                 "locret", "trimkv")
+# Policies whose budget limits the keys a decode step reads, not what the cache stores: their memory is the full
+# cache's (policies with `stores_all`), so tables say so and do not rank them against memory-bounded policies.
+FULL_MEMORY_POLICIES = ("seerattn_r",)
 BENCH_REQUIRED = ("policy", "context", "batch")
 BENCH_KEYS = BENCH_REQUIRED + ("tokens_per_s", "model", "budget", "new_tokens", "decode_s", "prefill_s",
                                "peak_memory_bytes", "bandwidth_fraction", "oom", "device")

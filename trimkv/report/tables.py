@@ -4,6 +4,7 @@ Written by `build_tables` into the output directory:
 
   budget_<benchmark>.*      score x 100 per (model, policy) row and KV budget column (plus "full" for the
                             full cache), 95% bootstrap CI; the best bounded policy per model and budget in bold
+                            (a policy that keeps the full cache in memory, seerattn_r, is noted and not ranked)
   categories_<benchmark>.*  benchmarks whose results have two or more categories (LongBench tasks, SCBench
                             subsets, LongMemEval question types, ...): per-category scores x 100 per
                             (model, policy, budget) row, and the overall score ("average")
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from trimkv.report.collect import (
     FULL,
+    FULL_MEMORY_POLICIES,
     LOSS_KEYS,
     BenchResult,
     EvalResult,
@@ -233,7 +235,13 @@ def score_tables(evals: list[EvalResult], ci: bool = True) -> list[Table]:
         for model in sorted({m for m, _ in rows}):
             for j, budget in enumerate(budgets):
                 if budget is not None:
-                    _bold_best([c[j] for (m, _), c in table.rows if m == model], table)
+                    _bold_best([c[j] for (m, p), c in table.rows if m == model and p not in FULL_MEMORY_POLICIES],
+                               table)
+        full_memory = sorted({p for _, p in rows if p in FULL_MEMORY_POLICIES})
+        if full_memory:
+            table.notes.append(f"{', '.join(full_memory)}: the budget bounds the tokens each decoding step reads; "
+                               "the full cache stays in memory (its cache bytes are the full cache's), so it is "
+                               "not ranked against the memory-bounded policies.")
         tables.append(table)
     return tables
 

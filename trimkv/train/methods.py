@@ -3,6 +3,8 @@
     trimkv   retention gates (trimkv/gates.py); distillation + capacity (losses.py); the paper's method
     locret   LocRet retaining heads (trimkv/locret.py); SmoothL1 to the causal importance score + smoothness
              (locret_loss.py); the LocRet baseline
+    seerattn_r  SeerAttention-R AttnGates (trimkv/seer.py); KL to the base model's block-pooled attention
+             (seer_loss.py); the SeerAttention-R baseline
 
 A method is the handful of things that differ: which modules it adds, the attention implementation the model
 trains with, the objective and the parts of it worth logging, and how its modules are saved. The trainer owns the
@@ -114,4 +116,42 @@ LOCRET = Method("locret", ("loss", "cis", "smoothness", "cis_mean"), _attach_hea
                 _head_attention, _head_objective, _save_heads,
                 lambda model: {"locret_config": model.trimkv_locret_config.to_dict()})
 
-METHODS = {m.name: m for m in (TRIMKV, LOCRET)}
+# ---- seerattn_r: the SeerAttention-R baseline --------------------------------------------------------------------
+
+def _attach_seer(model, cfg) -> None:
+    from trimkv.seer import SeerConfig, attach_attn_gates
+
+    attach_attn_gates(model, SeerConfig(block_size=cfg.seer_block_size, gate_hidden_size=cfg.seer_gate_hidden_size))
+
+
+def _seer_attention(cfg, device: torch.device) -> str:
+    if cfg.gradient_checkpointing:
+        raise ValueError("--gradient-checkpointing has nothing to save with --method seerattn_r: the frozen base "
+                         "model builds no autograd graph, only the small gates do")
+    from trimkv.train import seer_loss  # registers its attention implementation
+
+    return seer_loss.IMPLEMENTATION.removeprefix("trimkv_")  # stock SDPA that also computes the gate loss
+
+
+def _seer_objective(model, ids, cfg, teacher: str, length: int) -> dict[str, Tensor]:
+    from trimkv.train import seer_loss
+
+    return seer_loss.objective(model, ids, cfg.seer_loss_slice, length=length)
+
+
+def _seer_parameters(model) -> dict[str, Tensor]:
+    from trimkv.seer import gate_parameters
+
+    return gate_parameters(model)
+
+
+def _save_seer(model, path, **kwargs):
+    from trimkv.seer import save_attn_gates
+
+    return save_attn_gates(model, path, **kwargs)
+
+
+SEERATTN_R = Method("seerattn_r", ("loss", "target_entropy"), _attach_seer, _seer_parameters, _seer_attention,
+                    _seer_objective, _save_seer, lambda model: {"seer_config": model.trimkv_seer_config.to_dict()})
+
+METHODS = {m.name: m for m in (TRIMKV, LOCRET, SEERATTN_R)}

@@ -2,6 +2,7 @@
 
 `--method locret` trains the LocRet baseline's retaining heads instead (methods.py, locret_loss.py): the same
 loop, data, checkpoints and outputs, one forward of the base model per sequence, heads saved as locret_heads.*.
+`--method seerattn_r` likewise trains SeerAttention-R's AttnGates (seer_loss.py), saved as seer_gates.*.
 
 One step: for each of grad_accum micro-batches (one sequence per process), the base model runs twice on the
 same tokens, as teacher (its plain attention, no grad) and as student (retention-gated attention, the gates'
@@ -89,12 +90,18 @@ class TrainConfig:
     log_every: int = option(1, help="write a train.log line every N steps")
     logit_block: int = option(1024, help="positions per block of the chunked lm_head in the loss")
     device: str | None = option(None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
-    method: str = option("trimkv", help="what trains: 'trimkv' retention gates (the paper) or 'locret' retaining "
-                                        "heads (the LocRet baseline, arXiv 2410.01805)", choices=tuple(METHODS))
+    method: str = option("trimkv", help="what trains: 'trimkv' retention gates (the paper), 'locret' retaining "
+                                        "heads (the LocRet baseline, arXiv 2410.01805) or 'seerattn_r' AttnGates "
+                                        "(the SeerAttention-R baseline, arXiv 2506.08889)", choices=tuple(METHODS))
     locret_intermediate_size: int = option(1024, help="--method locret: hidden width of the retaining heads "
                                                       "(released LocRet code: 1024)")
     smoothness_weight: float = option(0.0025, help="--method locret: weight alpha of the smoothness term "
                                                    "(LocRet paper: 0.0025)")
+    seer_block_size: int = option(64, help="--method seerattn_r: tokens per key block (released: 64)")
+    seer_gate_hidden_size: int = option(128, help="--method seerattn_r: width of the gate's queries and keys "
+                                                  "(released: 128)")
+    seer_loss_slice: float = option(0.5, help="--method seerattn_r: the loss covers positions >= this fraction of "
+                                              "each sequence (released training script: 0.5)")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -7,6 +7,12 @@ MODELS = config["models"]
 BENCHMARKS = config["benchmarks"]
 POLICIES = config["policies"]
 UNBOUNDED = {"full"}  # policies evaluated once, without a budget
+# Learned baselines: policy -> (where its training run writes, the file that marks it finished). Each
+# needs a models.<model>.<policy> training section when it is in `policies`.
+LEARNED = {
+    "locret": ("results/locret", "locret_config.json"),
+    "seerattn_r": ("results/seerattn_r", "seer_config.json"),
+}
 
 
 def _check_names():
@@ -22,15 +28,17 @@ def _check_names():
             f"config: report.retention.model: unknown model {retention['model']!r}"
         )
     for name, model in MODELS.items():
-        if "locret" in POLICIES and "locret" not in model:
-            raise ValueError(
-                f"config: models.{name}.locret is required when policies include locret"
-            )
-        for dataset in model["gates"]["data"] + model.get("locret", {}).get("data", []):
-            if dataset != "synthetic" and dataset not in config.get("datasets", {}):
+        for policy in LEARNED:
+            if policy in POLICIES and policy not in model:
                 raise ValueError(
-                    f"config: models.{name}.gates.data: {dataset!r} is not in datasets"
+                    f"config: models.{name}.{policy} is required when policies include {policy}"
                 )
+        for section in ["gates", *LEARNED]:
+            for dataset in model.get(section, {}).get("data", []):
+                if dataset != "synthetic" and dataset not in config.get("datasets", {}):
+                    raise ValueError(
+                        f"config: models.{name}.{section}.data: {dataset!r} is not in datasets"
+                    )
 
 
 _check_names()
@@ -83,15 +91,15 @@ def train_data_files(method: str):
 
 
 def learned_dir(model: str, policy: str) -> str:
-    """What an evaluation loads: LocRet's heads for the locret policy, the TRIM-KV gates otherwise."""
-    return f"results/locret/{model}" if policy == "locret" else f"results/gates/{model}"
+    """What an evaluation loads: a learned baseline's own run for its policy, the TRIM-KV gates otherwise."""
+    root = LEARNED[policy][0] if policy in LEARNED else "results/gates"
+    return f"{root}/{model}"
 
 
 def learned_config(wildcards) -> str:
-    name = (
-        "locret_config.json" if wildcards.policy == "locret" else "trimkv_config.json"
-    )
-    return f"{learned_dir(wildcards.model, wildcards.policy)}/{name}"
+    policy = wildcards.policy
+    name = LEARNED[policy][1] if policy in LEARNED else "trimkv_config.json"
+    return f"{learned_dir(wildcards.model, policy)}/{name}"
 
 
 def benchmark_models(benchmark: str) -> list[str]:
@@ -141,8 +149,9 @@ def config_hash() -> str:
 
 def all_outputs() -> list[str]:
     outputs = [f"results/gates/{m}/trimkv_config.json" for m in MODELS]
-    if "locret" in POLICIES:
-        outputs += [f"results/locret/{m}/locret_config.json" for m in MODELS]
+    for policy, (root, done) in LEARNED.items():
+        if policy in POLICIES:
+            outputs += [f"{root}/{m}/{done}" for m in MODELS]
     outputs += eval_cells()
     outputs += [
         "results/tables",
