@@ -50,7 +50,25 @@ def _model_eager(module):  # every modeling file has its own eager_attention_for
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
-AttentionInterface.register("trimkv_sdpa", _observed(lambda module: sdpa_attention_forward))
+def sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention, except for a one-token pass with a mask under GQA (a decode step on the
+    bounded cache): transformers then repeats K and V for every query head (its SDPA path uses GQA only without
+    a mask), a copy of the whole cache per layer and step. Instead the G query heads of each KV head become G
+    query rows of one SDPA call over the KV head's keys, read once."""
+    B, Hq, q, D = query.shape
+    Hkv = key.shape[1]
+    if q != 1 or attention_mask is None or Hq == Hkv or module.training:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    G, K = Hq // Hkv, key.shape[2]
+    if attention_mask.shape[1] == Hq:  # a per-head mask (B, Hq, 1, K) -> (B, Hkv, G, K)
+        attention_mask = attention_mask.reshape(B, Hkv, G, K)
+    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(B, Hkv, G, D), key, value,
+                                                           attn_mask=attention_mask, scale=scaling)
+    return out.reshape(B, 1, Hq, out.shape[-1]), None  # (B, q, Hq, D) as transformers returns it
+
+
+AttentionInterface.register("trimkv_sdpa", _observed(lambda module: sdpa_forward))
 AttentionInterface.register("trimkv_eager", _observed(_model_eager))
 AttentionMaskInterface.register("trimkv_sdpa", sdpa_mask)
 AttentionMaskInterface.register("trimkv_eager", eager_mask)
