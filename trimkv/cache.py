@@ -20,6 +20,13 @@ layer's attention, so storage never grows. `prefill_chunk` bounds that union for
 Because kept positions are no longer contiguous, the model's own mask cannot describe the cache: the
 hooks installed by `trimkv.prepare(model)` hand the cache the 2-D padding mask at the start of each
 forward and pass the 4-D mask it builds (`begin_forward`) to every layer.
+
+Static decode (`begin_static_decode`, driven by `trimkv.decode`): after prefill, decode passes read no
+value back to the host and keep every tensor at a fixed address and shape, so a step can be captured in
+a CUDA graph: attention spans all slots (empty ones masked), the new token is scattered to each row's
+first free slot, state is updated in place, and compression runs as a separate call
+(`compress_full_rows`) for the rows the host knows are full (every row gains one token a step). The
+result is the same as the dynamic path's, step for step.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ class SlotLayer(CacheLayerMixin):
         self.query_positions: torch.Tensor | None = None  # (B, W), -1 = none yet
         self.pass_queries: tuple[torch.Tensor, float] | None = None  # this pass's queries and scaling
         self.pending: dict[str, torch.Tensor] | None = None  # transient union awaiting eviction
+        self.scaling = 1.0  # the layer's softmax scale, last seen with its queries
 
     def lazy_initialization(self, key_states, value_states, slots: int = 0, extras=()) -> None:
         B, H, _, D = key_states.shape
@@ -127,6 +135,7 @@ class BoundedCache(Cache):
         self.count: torch.Tensor | None = None  # (B,) entries cached per row, every layer and head
         self._plan: _Plan | None = None
         self._staged: dict[int, dict[str, torch.Tensor]] = {}
+        self.static = False  # static decode mode, see the module docstring
 
     # ---- what the model hooks call ----
 
@@ -149,13 +158,19 @@ class BoundedCache(Cache):
         n_real = real.sum(1)
         order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
         count_union = self.count + n_real
-        width = max(int(count_union.max()), 1)
-        if self.memory_size is None:
+        if self.static:  # one real token per row, attention over every slot, compression done apart
+            if q_len != 1 or attention_mask is not None:
+                raise ValueError("a BoundedCache in static decode takes one token per row and no padding mask")
+            width, all_real = self.layers[0].slots, True
             compress = torch.zeros_like(count_union, dtype=torch.bool)
         else:
-            compress = count_union >= self.memory_size + self.buffer_size
+            width, all_real = max(int(count_union.max()), 1), bool(real.all())
+            if self.memory_size is None:
+                compress = torch.zeros_like(count_union, dtype=torch.bool)
+            else:
+                compress = count_union >= self.memory_size + self.buffer_size
         seen_after = self.seen + n_real
-        self._plan = _Plan(order, n_real, self.count, count_union, compress, width, bool(real.all()),
+        self._plan = _Plan(order, n_real, self.count, count_union, compress, width, all_real,
                            (seen_after + 1).view(-1, 1, 1), seen_after)
 
         # Query j of row b sees its cached entries and the row's real new tokens up to itself. A padding
@@ -204,7 +219,7 @@ class BoundedCache(Cache):
                 self.policy.observe(self._view(candidates, plan, scaling, layer), queries, positions)
             if self.policy.query_window:
                 self._push_queries(layer, queries, positions, plan)
-        if self.memory_size is not None and bool(plan.compress.any()):
+        if self.memory_size is not None and not self.static and bool(plan.compress.any()):
             self._compress_into(layer, candidates, plan, scaling)
         layer.pending = None
 
@@ -214,15 +229,53 @@ class BoundedCache(Cache):
             return
         if any(layer.pending is not None for layer in self.layers):
             raise RuntimeError("BoundedCache: a layer attended without its after-attention hook (trimkv.prepare)")
+        count = plan.count_union
         if self.memory_size is not None:
-            self.count = torch.where(plan.compress, torch.full_like(plan.count_union, self.memory_size),
-                                     plan.count_union)
-        else:
-            self.count = plan.count_union
-        self.seen = plan.seen_after
-        self.seen_total += plan.order.shape[1]
+            count = torch.where(plan.compress, torch.full_like(count, self.memory_size), count)
+        # in place: a captured decode step must leave its state where the next replay reads it
+        self.count.copy_(count)
+        self.seen.copy_(plan.seen_after)
+        if not self.static:  # static decode: the decoder counts, as a graph replay runs no Python
+            self.seen_total += plan.order.shape[1]
         self._plan = None
         self._staged.clear()
+
+    # ---- static decode (trimkv.decode) ----
+
+    def begin_static_decode(self, max_new_tokens: int) -> list[int]:
+        """Switch to static decode after prefill; returns each row's cached count (the one host read).
+
+        Makes room for what decoding will need (a bounded cache: one token beyond M + buffer at most; the
+        full cache: every token still to come), so no decode step reallocates.
+        """
+        if self.count is None or not self.layers:
+            raise RuntimeError("static decode starts after a prefill pass")
+        counts = self.count.tolist()
+        if self.memory_size is not None:
+            needed = max(self.memory_size + self.buffer_size, self.memory_size + 1, max(counts) + 1)
+        else:
+            needed = max(counts) + max_new_tokens
+        for layer in self.layers:
+            # the full cache also sheds the spare slots its doubling left: a static step reads every slot
+            if layer.slots < needed or (self.memory_size is None and layer.slots > needed):
+                self._resize(layer, needed)
+        self.static = True
+        return counts
+
+    def end_static_decode(self) -> None:
+        self.static = False
+
+    def compress_full_rows(self, rows: torch.Tensor) -> None:
+        """Compress the rows marked in `rows` (B,) bool back to M in every layer, as the dynamic path does
+        right after the pass that filled them (same scores: the queries and signals of that pass).
+        Static shapes and no host read, so it can be captured too."""
+        seen = self.seen
+        plan = _Plan(order=seen[:, None], n_real=torch.zeros_like(seen), count_before=self.count,
+                     count_union=self.count, compress=rows, width=self.layers[0].slots, all_real=True,
+                     t=(seen + 1).view(-1, 1, 1), seen_after=seen)
+        for layer in self.layers:
+            self._compress_into(layer, layer.tensors(), plan, layer.scaling)
+        self.count.masked_fill_(rows, self.memory_size)
 
     # ---- transformers Cache API ----
 
@@ -328,15 +381,19 @@ class BoundedCache(Cache):
         return max(GROW, GROW * math.ceil(width / GROW))
 
     def _grow(self, layer: SlotLayer, width: int) -> None:
-        slots = max(2 * layer.slots, GROW * math.ceil(width / GROW))
-        grown = {}
+        self._resize(layer, max(2 * layer.slots, GROW * math.ceil(width / GROW)))
+
+    def _resize(self, layer: SlotLayer, slots: int) -> None:
+        """Reallocate the layer's slots to `slots` (at least every row's count), keeping the entries."""
+        resized = {}
         for name, t in layer.tensors().items():
             shape = list(t.shape)
             shape[2] = slots
-            g = torch.full(shape, -1, dtype=t.dtype, device=t.device) if name == "positions" else t.new_zeros(shape)
-            g[:, :, : t.shape[2]] = t
-            grown[name] = g
-        layer.assign(grown)
+            r = torch.full(shape, -1, dtype=t.dtype, device=t.device) if name == "positions" else t.new_zeros(shape)
+            n = min(slots, t.shape[2])
+            r[:, :, :n] = t[:, :, :n]
+            resized[name] = r
+        layer.assign(resized)
 
     def _new_tokens(self, layer_idx, key_states, value_states, plan: _Plan) -> dict[str, torch.Tensor]:
         """The new tokens as (B, H, q[, D]) tensors, real ones first, for every stored field."""
@@ -388,8 +445,8 @@ class BoundedCache(Cache):
         # cat(old, new) holds each row's valid queries contiguously, ending at W + n_real: take the last W.
         src = plan.n_real[:, None] + torch.arange(W, device=queries.device)  # (B, W)
         both = torch.cat([layer.queries, queries], dim=2)
-        layer.queries = both.gather(2, src[:, None, :, None].expand(B, Hq, W, D))
-        layer.query_positions = torch.cat([layer.query_positions, positions], dim=1).gather(1, src)
+        layer.queries.copy_(both.gather(2, src[:, None, :, None].expand(B, Hq, W, D)))
+        layer.query_positions.copy_(torch.cat([layer.query_positions, positions], dim=1).gather(1, src))
 
     def _compress_into(self, layer: SlotLayer, candidates: dict[str, torch.Tensor], plan: _Plan,
                        scaling: float = 1.0) -> None:

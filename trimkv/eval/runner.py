@@ -395,9 +395,24 @@ class _Runner:
 
 
 def generate_batch(model, input_ids, attention_mask, max_new_tokens: int, **kwargs):
-    """`model.generate` under no_grad; one function so tests can count or interrupt generation."""
+    """Generate under no_grad; one function so tests can count or interrupt generation.
+
+    On a GPU: `trimkv.decode.generate` (static shapes, CUDA-graph decode; the same tokens as stock generate,
+    much faster). Elsewhere: stock `model.generate`.
+    """
     import torch
 
+    from trimkv.cache import BoundedCache
+    from trimkv.compat import CACHE_KWARGS
+
+    cache = next((kwargs[k] for k in CACHE_KWARGS if k in kwargs), None)
+    if input_ids.is_cuda and isinstance(cache, BoundedCache):
+        from trimkv import decode
+
+        eos = kwargs.pop("eos_token_id", None)
+        eos = model.generation_config.eos_token_id if eos is None else eos
+        return decode.generate(model, input_ids, attention_mask, cache, max_new_tokens, eos_token_id=eos,
+                               **{k: v for k, v in kwargs.items() if k not in CACHE_KWARGS})
     with torch.no_grad():
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                               **kwargs)

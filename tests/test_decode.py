@@ -1,0 +1,138 @@
+"""Static decode (trimkv.decode) gives the tokens of stock generate with the same cache, for every policy and
+model family, with eviction, buffers of any size, chunked prefill, left padding and early stopping. On CPU the
+same code runs without graph capture; tests/test_gpu.py replays it as CUDA graphs.
+
+The models run in float64: static decode attends over all slots (empty ones masked), the dynamic path over the
+filled ones, and a matrix product's rounding depends on its length; in fp32 that ~1e-6 difference flips argmax
+near-ties of these random tiny models, in fp64 it does not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES
+from test_cache import gated, generate, left_padded
+
+import trimkv
+from trimkv.decode import StaticDecoder, sample_next
+from trimkv.decode import generate as static_generate
+
+POLICIES = sorted(trimkv.POLICIES)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {family: gated(family).double() for family in FAMILIES}
+
+
+def both(model, ids, mask, max_new_tokens=24, **cache_kw):
+    stock = generate(model, ids, mask, trimkv.make_cache(**cache_kw), max_new_tokens=max_new_tokens)
+    ours = static_generate(model, ids, mask, trimkv.make_cache(**cache_kw), max_new_tokens, graph=False)
+    return stock, ours
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_policy_matches_stock_generate_with_eviction(models, policy):
+    ids, mask = left_padded([23, 17, 9])
+    for memory_size, buffer_size, chunk in [(6, 2, None), (5, 0, 7), (8, 5, None)]:
+        kw = dict(policy=policy, memory_size=memory_size, buffer_size=buffer_size, prefill_chunk=chunk)
+        stock, ours = both(models["qwen3"], ids, mask, **kw)
+        assert torch.equal(ours, stock), kw
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_matches_stock_generate(models, family):
+    ids, mask = left_padded([14, 20])
+    for policy in ("trimkv", "full", "snapkv", "streaming"):
+        stock, ours = both(models[family], ids, mask, policy=policy, memory_size=6, buffer_size=3)
+        assert torch.equal(ours, stock), policy
+
+
+def test_state_stays_in_place_and_rows_compress_on_time(models):
+    """What a CUDA graph relies on: every cached tensor keeps its address across steps (a replay writes
+    where the capture wrote), and the host's count of each row matches the cache's."""
+    model = models["qwen3"]
+    ids, mask = left_padded([13, 6])
+    cache = trimkv.make_cache("snapkv", memory_size=5, buffer_size=3)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=True, past_key_values=cache)
+    decoder = StaticDecoder(model, cache, max_new_tokens=20)
+
+    def addresses():
+        layers = [[t.data_ptr() for t in layer.tensors().values()] + [layer.queries.data_ptr()] for layer in cache.layers]
+        return layers, cache.count.data_ptr(), cache.seen.data_ptr()
+
+    before = addresses()
+    token = torch.tensor([5, 7])
+    with torch.no_grad():
+        for _ in range(19):
+            token = decoder.step(token).argmax(-1)
+            assert cache.count.tolist() == decoder.counts
+            assert max(decoder.counts) < 5 + 3
+    assert addresses() == before
+    assert decoder.compressions >= 19 // 3 - 1
+    decoder.close()
+    assert cache.seen_total == ids.shape[1] + 19
+
+
+def test_stops_when_every_row_ended_like_generate(models):
+    model = models["qwen3"]
+    ids, mask = left_padded([10, 12])
+    greedy = static_generate(model, ids, mask, trimkv.make_cache("full"), 30, graph=False)
+    eos = int(greedy[0, ids.shape[1] + 3])  # the token row 0 emits 4th: make it the end of sequence
+    stock = generate(model, ids, mask, trimkv.make_cache("full"), max_new_tokens=30, eos_token_id=eos,
+                     pad_token_id=0)
+    ours = static_generate(model, ids, mask, trimkv.make_cache("full"), 30, eos_token_id=eos, pad_token_id=0,
+                           graph=False, check_every=4)
+    assert torch.equal(ours, stock)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).log_softmax(-1)
+    assert sample_next(logits, False).tolist() == [3]
+    torch.manual_seed(0)
+    draws = torch.stack([sample_next(logits, True, top_k=2) for _ in range(200)])
+    assert set(draws.flatten().tolist()) == {2, 3}
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    draws = torch.stack([sample_next(p, True, top_p=0.75) for _ in range(200)])
+    assert set(draws.flatten().tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.75: the rest is cut
+
+
+def test_clear_errors(models):
+    model = models["qwen3"]
+    ids, mask = left_padded([5])
+    with pytest.raises(TypeError, match="BoundedCache"):
+        static_generate(model, ids, mask, None, 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        static_generate(model, ids, mask, trimkv.make_cache("full"), 0)
+
+
+def test_continues_a_cache_that_holds_a_prefix(models):
+    """A conversation's next turn: the cache holds the earlier columns, generate is handed all of them."""
+    model = models["qwen3"]
+    ids, _ = left_padded([30])
+    results = []
+    for run in ("stock", "static"):
+        cache = trimkv.make_cache("trimkv", memory_size=8, buffer_size=4)
+        with torch.no_grad():
+            model(input_ids=ids[:, :20], attention_mask=torch.ones(1, 20, dtype=torch.long), use_cache=True,
+                  past_key_values=cache)
+        mask = torch.ones_like(ids)
+        if run == "stock":
+            results.append(generate(model, ids, mask, cache, max_new_tokens=12))
+        else:
+            results.append(static_generate(model, ids, mask, cache, 12, graph=False))
+    assert torch.equal(results[1], results[0])
+
+
+def test_a_full_cache_set_up_for_n_tokens_refuses_more(models):
+    model = models["qwen3"]
+    ids, _ = left_padded([10])
+    cache = trimkv.make_cache("full")
+    with torch.no_grad():
+        token = model(input_ids=ids, use_cache=True, past_key_values=cache).logits[:, -1].argmax(-1)
+        decoder = StaticDecoder(model, cache, max_new_tokens=3)
+        for _ in range(3):
+            token = decoder.step(token).argmax(-1)
+        with pytest.raises(RuntimeError, match="past the cache's slots"):
+            decoder.step(token)
