@@ -1,8 +1,10 @@
 """`python -m trimkv bench ...`: speed measurements that print ratios against a baseline timed in the
 same run. Numbers measured on the H200 are recorded in docs/benchmarks.md with the command used.
 
-bench attention: retention-gated attention fwd+bwd (flex, and the plain reference where it fits in
-memory) against SDPA's flash path without the retention bias, at Qwen3-1.7B head shapes, bf16.
+bench attention: retention-gated attention fwd+bwd (flex, our Triton kernel, and the plain reference where
+it fits in memory) against SDPA's flash path without the retention bias, at Qwen3-1.7B head shapes, bf16;
+target: Triton <= 1.3x SDPA. Errors against the fp32 reference: the output's last rows at every length, every
+gradient up to --reference-max. Also the capacity sums S_t of one layer, fwd+bwd: Triton vs FlexAttention.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+ATTENTION_TARGET = 1.3  # issue 9: retention-gated attention fwd+bwd within 1.3x of SDPA (flash) without the bias
 
 
 def _time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
@@ -30,38 +34,85 @@ def _time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def attention(args) -> int:
+def _attention_row(T: int, args, backends: dict, capacity_sums) -> dict:
+    """One length: times (ms), ratios to SDPA and errors against the fp32 reference."""
     import torch
     import torch.nn.functional as F
 
-    from trimkv.attention import retention_attention_flex, retention_attention_reference
+    from trimkv.attention import retention_attention_reference
+    from trimkv.train.losses import log_capacity, log_capacity_flex
+
+    torch.manual_seed(0)
+    B, Hq, Hkv, D = 1, args.heads, args.kv_heads, args.head_dim
+
+    def make(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    q, k, v = make(B, Hq, T, D), make(B, Hkv, T, D), make(B, Hkv, T, D)
+    log_beta = (-torch.rand(B, Hkv, T, device="cuda") * 0.01).requires_grad_()
+    grad = torch.randn(B, Hq, T, D, device="cuda", dtype=torch.bfloat16)
+    inputs = (q, k, v, log_beta)
+
+    def sdpa():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(grad)
+
+    row = {"T": T, "sdpa_ms": _time_ms(sdpa)}
+    for name, fn in backends.items():
+        row[f"{name}_ms"] = _time_ms(lambda fn=fn: fn(*inputs).backward(grad))
+        row[f"{name}_over_sdpa"] = row[f"{name}_ms"] / row["sdpa_ms"]
+    with torch.no_grad():  # forward alone, to tell where the time goes
+        row["sdpa_fwd_ms"] = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        for name, fn in backends.items():
+            row[f"{name}_fwd_ms"] = _time_ms(lambda fn=fn: fn(*inputs))
+    if "triton" in backends:
+        row["target_over_sdpa"] = ATTENTION_TARGET
+        row["triton_meets_target"] = row["triton_over_sdpa"] <= ATTENTION_TARGET
+    with torch.no_grad():  # the output's last R rows at every length (the fp32 reference of R rows costs R x T)
+        R = min(T, args.error_rows)
+        exact = retention_attention_reference(q[:, :, -R:].float(), k.float(), v.float(), log_beta)
+        for name, fn in backends.items():
+            row[f"{name}_max_abs_err_vs_fp32"] = float((fn(*inputs)[:, :, -R:].float() - exact).abs().max())
+    if T <= args.reference_max:  # every gradient against the full fp32 reference
+        row["reference_ms"] = _time_ms(lambda: retention_attention_reference(*inputs).backward(grad))
+        leaves = [x.detach().float().requires_grad_() for x in inputs]  # fp32 gradients, not rounded to bf16
+        exact = torch.autograd.grad(retention_attention_reference(*leaves), leaves, grad.float())
+        for name, fn in backends.items():
+            got = torch.autograd.grad(fn(*inputs), inputs, grad)
+            for part, g, e in zip(("dq", "dk", "dv", "dlog_beta"), got, exact, strict=True):
+                row[f"{name}_{part}_max_abs_err"] = float((g.float() - e).abs().max())
+                row[f"{name}_{part}_max_abs"] = float(e.abs().max())
+    # the capacity sums S_t of one layer, (B, Hkv, T), fwd+bwd, against FlexAttention's log-sum-exp
+    lb = (-torch.rand(B, Hkv, T, device="cuda") * 0.01).requires_grad_()
+    g_cap = torch.randn(B, Hkv, T, device="cuda")
+    row["capacity_flex_ms"] = _time_ms(lambda: log_capacity_flex(lb).exp().backward(g_cap))
+    if capacity_sums is not None:
+        row["capacity_triton_ms"] = _time_ms(lambda: capacity_sums(lb).backward(g_cap))
+        with torch.no_grad():
+            exact = log_capacity(lb.double()).exp()
+            row["capacity_triton_max_rel_err"] = float(((capacity_sums(lb) - exact) / exact).abs().max())
+    return row
+
+
+def attention(args) -> int:
+    import torch
+
+    from trimkv import kernels
+    from trimkv.attention import retention_attention_flex
 
     if not torch.cuda.is_available():
         raise ValueError("bench attention needs a CUDA GPU")
+    backends, capacity_sums = {"flex": retention_attention_flex}, None
+    if kernels.available():
+        from trimkv.kernels.capacity import capacity_sums
+        from trimkv.kernels.retention_attention import retention_attention_triton
+
+        backends["triton"] = retention_attention_triton
+    else:
+        print("triton is not installed: timing flex and SDPA only", file=sys.stderr)
     rows = []
     for T in args.lengths:
-        torch.manual_seed(0)
-        B, Hq, Hkv, D = 1, args.heads, args.kv_heads, args.head_dim
-        make = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # noqa: E731
-        q, k, v = make(B, Hq, T, D), make(B, Hkv, T, D), make(B, Hkv, T, D)
-        log_beta = (-torch.rand(B, Hkv, T, device="cuda") * 0.01).requires_grad_()
-        grad = torch.randn(B, Hq, T, D, device="cuda", dtype=torch.bfloat16)
-
-        def sdpa():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(grad)
-
-        def flex():
-            retention_attention_flex(q, k, v, log_beta).backward(grad)
-
-        row = {"T": T, "sdpa_ms": _time_ms(sdpa), "flex_ms": _time_ms(flex)}
-        row["flex_over_sdpa"] = row["flex_ms"] / row["sdpa_ms"]
-        if T <= args.reference_max:
-            exact = retention_attention_reference(q.float(), k.float(), v.float(), log_beta)
-            row["flex_max_abs_err_vs_fp32"] = float((retention_attention_flex(q, k, v, log_beta).float() - exact)
-                                                   .abs().max())
-            row["reference_ms"] = _time_ms(lambda: retention_attention_reference(q, k, v, log_beta).backward(grad))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(_attention_row(T, args, backends, capacity_sums))
+        print(json.dumps(rows[-1]), flush=True)
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": vars(args) | {"func": None},
               "rows": rows}
     if args.out:
@@ -78,9 +129,15 @@ def add_parser(subparsers) -> None:
     a.add_argument("--heads", type=int, default=16, help="query heads (Qwen3-1.7B: 16)")
     a.add_argument("--kv-heads", type=int, default=8, help="KV heads (Qwen3-1.7B: 8)")
     a.add_argument("--head-dim", type=int, default=128)
-    a.add_argument("--reference-max", type=int, default=4096, help="also time the plain reference up to this length")
+    a.add_argument("--reference-max", type=int, default=4096,
+                   help="up to this length also time the plain reference and check every gradient against it")
+    a.add_argument("--error-rows", type=int, default=512,
+                   help="query rows (the last ones) whose output is checked against the fp32 reference")
     a.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     a.set_defaults(func=attention)
+    from trimkv import bench_decode
+
+    bench_decode.add_parser(sub)
 
 
 if __name__ == "__main__":
