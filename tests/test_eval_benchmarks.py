@@ -206,6 +206,30 @@ def test_longproc_travel_planning_checks_the_gold_plan(tmp_path):
         bench.load(root)
 
 
+def test_longproc_takes_helmets_items(tmp_path, monkeypatch):
+    """HELMET evaluates `Dataset.shuffle(seed=42).select(range(100))` of each file: numpy's default_rng(42)
+    permutation, first 100. Here 7 items, 4 kept."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from trimkv.eval import longproc
+
+    root = tmp_path / "longproc" / "data" / "path_traversal"
+    shutil.copytree(FIXTURES / "longproc" / "data" / "path_traversal", root)
+    data = root / "path_traversal_0.5k.json"
+    row = json.loads(data.read_text())[0]
+    data.write_text(json.dumps([{**row, "context_nl": f"{row['context_nl']} #{i}"} for i in range(7)]))
+    monkeypatch.setattr(longproc, "ITEMS_PER_FILE", 4)
+    bench = get_benchmark("longproc")
+    bench.configure(subset="path_traversal_0.5k")
+    samples = bench.load(tmp_path / "longproc")
+    expected = np.random.default_rng(42).permutation(7)[:4].tolist()
+    assert [s.id for s in samples] == [f"path_traversal_0.5k/{i}" for i in expected]
+    assert all(f"#{i}" in s.prompt for i, s in zip(expected, samples))
+
+
 def test_longmemeval_prompt_and_judge_parsing(tokenizer, monkeypatch):
     bench, samples = load("longmemeval", judge_model="stub")
     first = samples[0]

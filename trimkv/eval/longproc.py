@@ -9,8 +9,8 @@ its worked examples in `travel_planning_icl_examples.json`.
 
 Tasks (`--subset`, default all of these): path_traversal, tom_tracking, countdown, html_to_tsv at
 0.5k / 2k / 8k output tokens, pseudo_to_code at 0.5k / 2k, travel_planning at 2k / 8k. Settings as
-HELMET's LongProc configs: chat template, greedy, the first 100 items of each file, max new tokens
-1024 / 3072 / 10240 for 0.5k / 2k / 8k.
+HELMET's LongProc configs: chat template, greedy, 100 items of each file (HELMET's: shuffled with seed 42,
+the first 100), max new tokens 1024 / 3072 / 10240 for 0.5k / 2k / 8k.
 
 Scoring, our code after `longproc/longproc_data.py` and the evaluators of the LongProc repo; each
 result holds LongProc's `accuracy`, `partial_accuracy` and `extraction_rate` (html_to_tsv: `f1`,
@@ -50,6 +50,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from trimkv.eval.base import Benchmark, GenerationSettings, Sample, data_files, option_list, register
 
 LENGTHS = {"path_traversal": ("0.5k", "2k", "8k"), "tom_tracking": ("0.5k", "2k", "8k"),
@@ -58,6 +60,7 @@ LENGTHS = {"path_traversal": ("0.5k", "2k", "8k"), "tom_tracking": ("0.5k", "2k"
 SUBSETS = tuple(f"{task}_{length}" for task, lengths in LENGTHS.items() for length in lengths)
 MAX_NEW_TOKENS = {"0.5k": 1024, "2k": 3072, "8k": 10240}
 ITEMS_PER_FILE = 100
+SHUFFLE_SEED = 42  # HELMET's default seed
 
 
 def _between(text: str, tag: str) -> str | None:
@@ -591,9 +594,11 @@ class LongProc(Benchmark):
                 demonstration = travel_planning_demonstration(examples)
             if demonstration is not None:
                 template = template.replace("{demonstration}", demonstration.replace("{", "{{").replace("}", "}}"))
-            rows = rows[:ITEMS_PER_FILE]
-            rows = rows[:limit] if limit is not None else rows
-            for i, (fields, reference) in enumerate(_items(task, rows, data_dir)):
+            # HELMET's 100: the file's items shuffled with seed 42 (datasets' shuffle = numpy's default_rng
+            # permutation), then the first 100; ids keep each item's index in the file
+            picked = np.random.default_rng(SHUFFLE_SEED).permutation(len(rows))[:ITEMS_PER_FILE].tolist()
+            picked = picked[:limit] if limit is not None else picked
+            for i, (fields, reference) in zip(picked, _items(task, [rows[i] for i in picked], data_dir)):
                 samples.append(Sample(
                     id=f"{subset}/{i}", prompt=template.format(**fields), references=[reference], category=subset,
                     meta={"task": task, "max_new_tokens": MAX_NEW_TOKENS[length],
