@@ -101,6 +101,9 @@ def attention(args) -> int:
 
     if not torch.cuda.is_available():
         raise ValueError("bench attention needs a CUDA GPU")
+    # flex compiles once per length and grad mode (the error checks run without grad): past dynamo's default of 8
+    # recompilations it falls back to an unfused path that runs out of memory at 32K
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     backends, capacity_sums = {"flex": retention_attention_flex}, None
     if kernels.available():
         from trimkv.kernels.capacity import capacity_sums
