@@ -2,6 +2,8 @@
 
 - The cache keyword of model/layer/attention forwards: `past_key_values` until 5.2x, `cache` after
   (the old name is still accepted with a deprecation warning for a while).
+- Gradient checkpointing: `gradient_checkpointing_enable` until 5.2x, `activation_checkpointing_enable`
+  after (the old name warns).
 """
 
 from __future__ import annotations
@@ -26,3 +28,12 @@ def generate_cache_kwarg(model) -> str:
 
     params = inspect.signature(type(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer, whatever this version calls it."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

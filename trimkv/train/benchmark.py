@@ -25,7 +25,7 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype, gradient_checkp
 
     import trimkv
     from trimkv.gates import decoder_layers, gate_parameters, gates
-    from trimkv.train.trainer import enable_gradient_checkpointing
+    from trimkv.compat import enable_gradient_checkpointing
 
     with device:
         model = AutoModelForCausalLM.from_config(Qwen3Config(**shape), attn_implementation="sdpa", dtype=dtype)

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from trimkv import compat
 from trimkv.train import checkpointing, distributed
 from trimkv.train import data as train_data
 from trimkv.train.checkpointing import gate_extra, write_json
@@ -188,7 +189,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> int:
     model.config._attn_implementation = student_impl  # from here on; objective() switches for the teacher
     model.eval()  # no dropout: the teacher must be the base model itself
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        compat.enable_gradient_checkpointing(model)
         for layer in decoder_layers(model):
             layer.training = True  # HF checkpoints a layer only in training mode; its submodules stay in eval
 
@@ -365,15 +366,6 @@ class Log:
             from tqdm.auto import tqdm
 
             tqdm.write(line, file=sys.stderr)
-
-
-def enable_gradient_checkpointing(model) -> None:
-    # transformers >= 5.2x renamed it activation_checkpointing_enable; the old name warns
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 class StopFlag:
