@@ -37,4 +37,4 @@ test: $(VENV)/.installed test-lowest
 
 test-lowest: $(VENV)-lowest/.installed
 	$(VENV)-lowest/bin/python -m pytest tests/test_cache.py tests/test_attention.py tests/test_checkpoint.py \
-		tests/test_policies_generate.py
+		tests/test_policies_generate.py tests/test_decode.py
