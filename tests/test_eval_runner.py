@@ -207,6 +207,10 @@ def test_bad_requests_fail_before_any_work(model_dir, tmp_path):
         run(model_dir, tmp_path / "a", subset="x")
     with pytest.raises(ValueError, match="needs retention gates"):
         run(model_dir, tmp_path / "a", policy="trimkv", budget=4)
+    with pytest.raises(ValueError, match="needs LocRet retaining heads"):
+        run(model_dir, tmp_path / "a", policy="locret", budget=4)
+    with pytest.raises(ValueError, match="needs SeerAttention-R AttnGates"):
+        run(model_dir, tmp_path / "a", policy="seerattn_r", budget=4)
     run(model_dir, tmp_path / "b", limit=2)
     with pytest.raises(ValueError, match="max_new_tokens: None -> 3"):
         run(model_dir, tmp_path / "b", limit=2, max_new_tokens=3)

@@ -158,8 +158,12 @@ def evaluate(model: str, benchmark: str, policy: str, budget: int | None, out: P
     cache_args = {"policy": policy, "memory_size": budget, "buffer_size": buffer_size, "window": window,
                   **{k: v for k, v in (("sink", sink), ("prefill_chunk", prefill_chunk)) if v is not None}}
     probe = trimkv.make_cache(**cache_args)
-    if "log_beta" in probe.policy.needs and not _has_gates(lm):
-        raise ValueError(f"policy {policy!r} needs retention gates; {model} has none (use a trimkv checkpoint)")
+    learned = probe.policy.learned
+    if learned and not any(hasattr(module, learned) for module in lm.modules()):
+        what = {"retention_gate": "retention gates", "retaining_head": "LocRet retaining heads",
+                "attn_gate": "SeerAttention-R AttnGates"}.get(learned, learned)
+        raise ValueError(f"policy {policy!r} needs {what}; {model} has none (use a checkpoint trained for it: "
+                         f"python -m trimkv train --method {policy})")
     if not probe.policy.bounded:
         budget = cache_args["memory_size"] = None  # the full cache has no budget; keep params honest
 
@@ -201,10 +205,6 @@ def evaluate(model: str, benchmark: str, policy: str, budget: int | None, out: P
     metrics = summarize(list(done.values()), bench, params, expected=total)
     _write_json(out / "metrics.json", metrics)
     return metrics
-
-
-def _has_gates(model) -> bool:
-    return any(hasattr(module, "retention_gate") for module in model.modules())
 
 
 def _tokenizer(model, model_path: str):

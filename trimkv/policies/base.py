@@ -50,6 +50,7 @@ class Policy:
       bounded      False for a policy that never evicts and takes no budget (full);
       stores_all   True for a policy that takes a budget M but evicts nothing: M limits what attention reads
                    (its `select`), the cache keeps every token (seerattn_r);
+      learned      the trained module every attention layer must carry (e.g. "retention_gate"), or None;
       score(view) -> (B, H_kv, N);
       select(...)  which cached keys a layer's attention reads this pass (default: all the mask allows).
     """
@@ -60,6 +61,7 @@ class Policy:
     query_window: int = 0
     bounded: ClassVar[bool] = True
     stores_all: ClassVar[bool] = False
+    learned: ClassVar[str | None] = None
 
     def observe(self, view: CacheView, queries: torch.Tensor, query_positions: torch.Tensor) -> None:
         """Update `view.extras[state]` in place from this pass's real queries (B, H_q, q, D), positions (B, q)."""

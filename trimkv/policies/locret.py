@@ -35,6 +35,7 @@ LOCAL_FRACTION = 2500 / 6000  # released inference defaults: stabilizers / budge
 class Locret(Policy):
     name = "locret"
     needs = ("locret_score",)
+    learned = "retaining_head"
 
     n_local: int | None = None
 

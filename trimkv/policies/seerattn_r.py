@@ -30,6 +30,7 @@ from trimkv.policies.base import CacheView, Policy
 class SeerAttnR(Policy):
     name = "seerattn_r"
     stores_all = True
+    learned = "attn_gate"
 
     def score(self, view: CacheView) -> torch.Tensor:
         return view.positions.float()  # never called: nothing is evicted

@@ -23,6 +23,7 @@ from trimkv.policies.base import CacheView, Policy
 class TrimKV(Policy):
     name = "trimkv"
     needs = ("log_beta",)
+    learned = "retention_gate"
 
     knorm: bool = False
 
