@@ -134,9 +134,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
     path = Path(path)
     if (path / locret.CONFIG_FILE).is_file():  # LocRet retaining heads (trimkv/locret.py)
-        return locret.read_checkpoint(path)
+        return locret.FORMAT.read(path)
     if (path / seer.CONFIG_FILE).is_file():  # SeerAttention-R AttnGates (trimkv/seer.py)
-        return seer.read_checkpoint(path)
+        return seer.FORMAT.read(path)
     if (path / CONFIG_FILE).is_file():
         ckpt = _read_ours(path)
     elif (path / UPSTREAM_CONFIG_FILE).is_file() and (path / UPSTREAM_WEIGHTS_FILE).is_file():
@@ -207,13 +207,13 @@ def _read_upstream(path: Path) -> Checkpoint:
 def _apply(ckpt: Checkpoint, model: nn.Module) -> nn.Module:
     """Check the architecture, attach gates, copy the checkpoint's tensors in, and record provenance."""
     if ckpt.format == "locret":
-        from trimkv.locret import apply_checkpoint
+        from trimkv.locret import FORMAT
 
-        return apply_checkpoint(ckpt, model)
+        return FORMAT.apply(ckpt, model)
     if ckpt.format == "seerattn_r":
-        from trimkv.seer import apply_checkpoint
+        from trimkv.seer import FORMAT
 
-        return apply_checkpoint(ckpt, model)
+        return FORMAT.apply(ckpt, model)
     _check_architecture(ckpt, model.config)
     attach_gates(model, ckpt.gate_config)
     params = gate_parameters(model)
@@ -225,6 +225,84 @@ def _apply(ckpt: Checkpoint, model: nn.Module) -> nn.Module:
     model.trimkv_source = {"path": str(ckpt.path), "revision": None, "format": ckpt.format,
                            "base_model": ckpt.base_model, "base_revision": ckpt.base_revision}
     return model
+
+
+@dataclass(frozen=True)
+class ModuleFormat:
+    """The checkpoint of a learned baseline's modules on a frozen base model (LocRet's heads, SeerAttention-R's
+    gates): `config_file` (the marker of a finished save, written last) + `tensors_file`, checked on read against
+    the shapes its own config implies and on load against the model's parameters."""
+
+    name: str  # Checkpoint.format and the "method" in the config file
+    config_file: str
+    tensors_file: str
+    config_key: str  # the modules' config in the config file, also `model.trimkv_<config_key>`
+    config_class: type
+    architecture_fields: tuple[str, ...]  # what the shapes need beyond ARCHITECTURE_FIELDS
+    expected_shapes: Callable[[dict, Any], dict[str, tuple[int, ...]]]  # (architecture, config) -> shapes
+    attach: Callable[[nn.Module, Any], nn.Module]  # (model, config)
+    parameters: Callable[[nn.Module], dict[str, torch.Tensor]]  # the modules' tensors by full parameter name
+
+    def save(self, model: nn.Module, path: str | os.PathLike, architecture: dict[str, Any],
+             base_model: str | None = None, revision: str | None = None, extra: dict | None = None) -> Path:
+        """The contract of `save_gates`: base_model defaults to the model's `_name_or_path`, `extra` (e.g. the
+        training run's memory_size, read back as the default budget) is stored as is, the config file is removed
+        first and written last. architecture: the values of `architecture_fields`."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.parameters(model).items()}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "method": self.name,
+            "base_model": base_model or model.config._name_or_path or None,
+            "revision": revision,
+            self.config_key: getattr(model, f"trimkv_{self.config_key}").to_dict(),
+            **model_architecture(model.config),
+            **architecture,
+            "extra": extra or {},
+        }
+        config_text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        (path / self.config_file).unlink(missing_ok=True)
+        _atomic_write(path / self.tensors_file,
+                      lambda tmp: save_file(tensors, tmp, metadata={"format": f"trimkv-{self.name}"}))
+        _atomic_write(path / self.config_file, lambda tmp: Path(tmp).write_text(config_text))
+        return path
+
+    def read(self, path: Path) -> Checkpoint:
+        """The directory as a `Checkpoint` of this format, tensors checked against its own config."""
+        from safetensors.torch import load_file
+
+        file = path / self.config_file
+        cfg = _read_json(file)
+        version = _field(cfg, "format_version", file)
+        if version > FORMAT_VERSION:
+            raise ValueError(f"trimkv: {file} has format_version {version}; this trimkv reads <= {FORMAT_VERSION}")
+        try:
+            config = self.config_class(**_field(cfg, self.config_key, file))
+        except TypeError as e:
+            raise ValueError(f"trimkv: {file}: bad {self.config_key}: {e}") from None
+        architecture = {k: _field(cfg, k, file) for k in (*ARCHITECTURE_FIELDS, *self.architecture_fields)}
+        tensors = _read_tensors(path / self.tensors_file, lambda f: load_file(f, device="cpu"))
+        _check_tensors(tensors, self.expected_shapes(architecture, config), path / self.tensors_file)
+        extra = cfg.get("extra") or {}
+        return Checkpoint(path, self.name, architecture, config, cfg.get("base_model"), cfg.get("revision"),
+                          {k: extra[k] for k in ("memory_size", "buffer_size") if k in extra}, tensors)
+
+    def apply(self, ckpt: Checkpoint, model: nn.Module) -> nn.Module:
+        """Check the architecture, attach the modules, copy the checkpoint's tensors in, record provenance."""
+        _check_architecture(ckpt, model.config)
+        self.attach(model, ckpt.gate_config)
+        params = self.parameters(model)
+        _check_tensors(ckpt.tensors, {k: tuple(p.shape) for k, p in params.items()}, ckpt.path / self.tensors_file)
+        with torch.no_grad():
+            for key, param in params.items():
+                param.copy_(ckpt.tensors[key])
+        model.trimkv_defaults = dict(ckpt.defaults)
+        model.trimkv_source = {"path": str(ckpt.path), "revision": None, "format": self.name,
+                               "base_model": ckpt.base_model, "base_revision": ckpt.base_revision}
+        return model
 
 
 def _check_architecture(ckpt: Checkpoint, base_config) -> None:

@@ -31,7 +31,6 @@ Checkpoints: `save_retaining_heads(model, dir)` writes locret_heads.safetensors 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trimkv.cache import BoundedCache
+from trimkv.checkpoint import ModuleFormat
 from trimkv.gates import decoder_layers, num_kv_heads
 from trimkv.hooks import _CACHE_ATTR, prepare  # _CACHE_ATTR: the cache of the attention forward in progress
 
@@ -207,79 +207,17 @@ def head_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_retaining_heads(model: nn.Module, path: str | os.PathLike, base_model: str | None = None,
                          revision: str | None = None, extra: dict | None = None) -> Path:
-    """Write the model's heads to `path/locret_heads.safetensors` + `path/locret_config.json`.
-
-    The same contract as `trimkv.save_gates`: base_model defaults to the model's `_name_or_path`, `extra` (e.g.
-    the memory_size of the training run, read back as the default budget) is stored as is, and the config (the
-    marker of a finished save) is removed first and written last.
-    """
-    from safetensors.torch import save_file
-
-    from trimkv.checkpoint import _atomic_write, model_architecture
-
-    heads = retaining_heads(model)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in head_parameters(model).items()}
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "method": "locret",
-        "base_model": base_model or model.config._name_or_path or None,
-        "revision": revision,
-        "locret_config": model.trimkv_locret_config.to_dict(),
-        **model_architecture(model.config),
-        "input_size": heads[0].fc1.in_features,
-        "extra": extra or {},
-    }
-    config_text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    (path / CONFIG_FILE).unlink(missing_ok=True)
-    _atomic_write(path / HEADS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "trimkv-locret"}))
-    _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_text))
-    return path
-
-
-def read_checkpoint(path: Path):
-    """A LocRet checkpoint directory as a `trimkv.checkpoint.Checkpoint` (format "locret"), tensors checked
-    against its own config."""
-    from safetensors.torch import load_file
-
-    from trimkv.checkpoint import ARCHITECTURE_FIELDS, Checkpoint, _check_tensors, _field, _read_json, _read_tensors
-
-    file = path / CONFIG_FILE
-    cfg = _read_json(file)
-    version = _field(cfg, "format_version", file)
-    if version > FORMAT_VERSION:
-        raise ValueError(f"trimkv: {file} has format_version {version}; this trimkv reads <= {FORMAT_VERSION}")
-    try:
-        config = LocretConfig(**_field(cfg, "locret_config", file))
-    except TypeError as e:
-        raise ValueError(f"trimkv: {file}: bad locret_config: {e}") from None
-    architecture = {k: _field(cfg, k, file) for k in (*ARCHITECTURE_FIELDS, "input_size")}
-    tensors = _read_tensors(path / HEADS_FILE, lambda f: load_file(f, device="cpu"))
-    _check_tensors(tensors, _expected_shapes(architecture, config), path / HEADS_FILE)
-    extra = cfg.get("extra") or {}
-    return Checkpoint(path, "locret", architecture, config, cfg.get("base_model"), cfg.get("revision"),
-                      {k: extra[k] for k in ("memory_size", "buffer_size") if k in extra}, tensors)
-
-
-def apply_checkpoint(ckpt, model: nn.Module) -> nn.Module:
-    """Check the architecture, attach heads, copy the checkpoint's tensors in, and record provenance."""
-    from trimkv.checkpoint import _check_architecture, _check_tensors
-
-    _check_architecture(ckpt, model.config)
-    attach_retaining_heads(model, ckpt.gate_config)
-    params = head_parameters(model)
-    _check_tensors(ckpt.tensors, {k: tuple(p.shape) for k, p in params.items()}, ckpt.path / HEADS_FILE)
-    with torch.no_grad():
-        for key, param in params.items():
-            param.copy_(ckpt.tensors[key])
-    model.trimkv_defaults = dict(ckpt.defaults)
-    model.trimkv_source = {"path": str(ckpt.path), "revision": None, "format": "locret",
-                           "base_model": ckpt.base_model, "base_revision": ckpt.base_revision}
-    return model
+    """Write the model's heads to `path/locret_heads.safetensors` + `path/locret_config.json`, with the contract
+    of `trimkv.save_gates` (see `trimkv.checkpoint.ModuleFormat.save`)."""
+    return FORMAT.save(model, path, {"input_size": retaining_heads(model)[0].fc1.in_features}, base_model, revision,
+                       extra)
 
 
 def _expected_shapes(arch: dict, config: LocretConfig) -> dict[str, tuple[int, ...]]:
     inner = config.intermediate_size
     shapes = {"fc1.weight": (inner, arch["input_size"]), "fc2.weight": (arch["num_kv_heads"], inner)}
     return {HEAD_KEY.format(i=i, name=n): s for i in range(arch["num_layers"]) for n, s in shapes.items()}
+
+
+FORMAT = ModuleFormat("locret", CONFIG_FILE, HEADS_FILE, "locret_config", LocretConfig, ("input_size",),
+                      _expected_shapes, attach_retaining_heads, head_parameters)

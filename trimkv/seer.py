@@ -39,7 +39,6 @@ Checkpoints: `save_attn_gates(model, dir)` writes seer_gates.safetensors + seer_
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -48,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trimkv.checkpoint import ModuleFormat
 from trimkv.gates import decoder_layers, num_kv_heads
 from trimkv.hooks import prepare
 
@@ -265,77 +265,10 @@ def decode_selection(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
 def save_attn_gates(model: nn.Module, path: str | os.PathLike, base_model: str | None = None,
                     revision: str | None = None, extra: dict | None = None) -> Path:
-    """Write the model's AttnGates to `path/seer_gates.safetensors` + `path/seer_config.json`.
-
-    The same contract as `trimkv.save_gates`: base_model defaults to the model's `_name_or_path`, `extra` (e.g. the
-    memory_size of the training run, read back as the default token budget) is stored as is, and the config (the
-    marker of a finished save) is removed first and written last.
-    """
-    from safetensors.torch import save_file
-
-    from trimkv.checkpoint import _atomic_write, model_architecture
-
-    gates = attn_gates(model)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in gate_parameters(model).items()}
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "method": "seerattn_r",
-        "base_model": base_model or model.config._name_or_path or None,
-        "revision": revision,
-        "seer_config": model.trimkv_seer_config.to_dict(),
-        **model_architecture(model.config),
-        "num_q_heads": model.config.num_attention_heads,
-        "head_dim": gates[0].q_proj.shape[2],
-        "extra": extra or {},
-    }
-    config_text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    (path / CONFIG_FILE).unlink(missing_ok=True)
-    _atomic_write(path / GATES_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "trimkv-seerattn_r"}))
-    _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_text))
-    return path
-
-
-def read_checkpoint(path: Path):
-    """A SeerAttention-R checkpoint directory as a `trimkv.checkpoint.Checkpoint` (format "seerattn_r"), tensors
-    checked against its own config."""
-    from safetensors.torch import load_file
-
-    from trimkv.checkpoint import ARCHITECTURE_FIELDS, Checkpoint, _check_tensors, _field, _read_json, _read_tensors
-
-    file = path / CONFIG_FILE
-    cfg = _read_json(file)
-    version = _field(cfg, "format_version", file)
-    if version > FORMAT_VERSION:
-        raise ValueError(f"trimkv: {file} has format_version {version}; this trimkv reads <= {FORMAT_VERSION}")
-    try:
-        config = SeerConfig(**_field(cfg, "seer_config", file))
-    except TypeError as e:
-        raise ValueError(f"trimkv: {file}: bad seer_config: {e}") from None
-    architecture = {k: _field(cfg, k, file) for k in (*ARCHITECTURE_FIELDS, "num_q_heads", "head_dim")}
-    tensors = _read_tensors(path / GATES_FILE, lambda f: load_file(f, device="cpu"))
-    _check_tensors(tensors, _expected_shapes(architecture, config), path / GATES_FILE)
-    extra = cfg.get("extra") or {}
-    return Checkpoint(path, "seerattn_r", architecture, config, cfg.get("base_model"), cfg.get("revision"),
-                      {k: extra[k] for k in ("memory_size", "buffer_size") if k in extra}, tensors)
-
-
-def apply_checkpoint(ckpt, model: nn.Module) -> nn.Module:
-    """Check the architecture, attach gates, copy the checkpoint's tensors in, and record provenance."""
-    from trimkv.checkpoint import _check_architecture, _check_tensors
-
-    _check_architecture(ckpt, model.config)
-    attach_attn_gates(model, ckpt.gate_config)
-    params = gate_parameters(model)
-    _check_tensors(ckpt.tensors, {k: tuple(p.shape) for k, p in params.items()}, ckpt.path / GATES_FILE)
-    with torch.no_grad():
-        for key, param in params.items():
-            param.copy_(ckpt.tensors[key])
-    model.trimkv_defaults = dict(ckpt.defaults)
-    model.trimkv_source = {"path": str(ckpt.path), "revision": None, "format": "seerattn_r",
-                           "base_model": ckpt.base_model, "base_revision": ckpt.base_revision}
-    return model
+    """Write the model's AttnGates to `path/seer_gates.safetensors` + `path/seer_config.json`, with the contract of
+    `trimkv.save_gates` (see `trimkv.checkpoint.ModuleFormat.save`)."""
+    architecture = {"num_q_heads": model.config.num_attention_heads, "head_dim": attn_gates(model)[0].q_proj.shape[2]}
+    return FORMAT.save(model, path, architecture, base_model, revision, extra)
 
 
 def _expected_shapes(arch: dict, config: SeerConfig) -> dict[str, tuple[int, ...]]:
@@ -344,3 +277,7 @@ def _expected_shapes(arch: dict, config: SeerConfig) -> dict[str, tuple[int, ...
     if config.qk_norm:
         shapes.update({"q_norm.weight": (h,), "k_norm.weight": (h,)})
     return {GATE_KEY.format(i=i, name=n): s for i in range(arch["num_layers"]) for n, s in shapes.items()}
+
+
+FORMAT = ModuleFormat("seerattn_r", CONFIG_FILE, GATES_FILE, "seer_config", SeerConfig, ("num_q_heads", "head_dim"),
+                      _expected_shapes, attach_attn_gates, gate_parameters)
