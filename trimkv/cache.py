@@ -31,6 +31,7 @@ result is the same as the dynamic path's, step for step.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -297,13 +298,15 @@ class BoundedCache(Cache):
         if plan.width > layer.slots and self.memory_size is None:
             self._grow(layer, plan.width)
         if plan.width <= layer.slots:
-            if plan.all_real:  # decode: scatter each row's new tokens to its first free slots
-                q = key_states.shape[2]
-                dst = (plan.count_before[:, None] + torch.arange(q, device=key_states.device))  # (B, q)
-                dst = dst[:, None, :].expand(-1, key_states.shape[1], -1)  # (B, H, q)
+            if plan.all_real:  # decode: write each row's new tokens to its first free slots
+                # index_put_, not scatter_: torch.compile writes it in place, where a scatter_ on the cache
+                # became a copy of every slot of the layer (keys and values) each decode step
+                B, H, q = key_states.shape[:3]
+                arange = functools.partial(torch.arange, device=key_states.device)
+                index = (arange(B)[:, None, None], arange(H)[None, :, None],
+                         (plan.count_before[:, None] + arange(q))[:, None, :])  # broadcast to (B, H, q)
                 for name, stored in layer.tensors().items():
-                    index = dst.unsqueeze(-1).expand(-1, -1, -1, stored.shape[-1]) if stored.dim() == 4 else dst
-                    stored.scatter_(2, index, new[name])
+                    stored.index_put_(index, new[name])
             else:
                 merged = self._merge(layer, new, plan)
                 for name, stored in layer.tensors().items():
