@@ -63,6 +63,27 @@ def test_cuda_graph_decode_matches_stock_generate(policy):
     assert torch.equal(ours, stock)
 
 
+@pytest.mark.parametrize("policy", ["trimkv", "full", "streaming", "snapkv"])
+def test_compiled_decode_step_matches_plain_step(policy):
+    """The torch.compile'd step (FlexAttention's decode kernel, slot writes in place) gives the plain step's
+    logits, fed the same tokens, across evictions (float32)."""
+    from trimkv.decode import StaticDecoder
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    model = gated("qwen3").float().cuda()
+    ids = torch.randint(3, model.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0)).cuda()
+    feed = torch.randint(3, model.config.vocab_size, (30, 3), generator=torch.Generator().manual_seed(1)).cuda()
+    logits = []
+    for compile in (False, True):
+        cache = trimkv.make_cache(policy, **({} if policy == "full" else {"memory_size": 8, "buffer_size": 4}))
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=True, past_key_values=cache)
+            decoder = StaticDecoder(model, cache, len(feed), graph=True, compile=compile)
+            logits.append(torch.stack([decoder.step(token).clone() for token in feed]))
+            decoder.close()
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+
+
 def test_cuda_graph_decode_reads_nothing_back_per_step():
     """After the capture, a decode step neither synchronizes with the host nor allocates."""
     from trimkv.decode import StaticDecoder

@@ -41,6 +41,7 @@ elif not CUDA:
 
 from trimkv.attention import retention_attention_reference
 from trimkv.kernels.capacity import capacity_sums
+from trimkv.kernels.decode_attention import BLOCK_N, decode_attention, splits_for
 from trimkv.kernels.retention_attention import retention_attention_triton
 from trimkv.train.losses import capacity_loss, log_capacity
 
@@ -240,6 +241,57 @@ def test_capacity_loss_triton_backend():
 
 
 # ---- GPU: bf16 at training lengths (run on the H200) -----------------------------------------------------------
+
+def decode_reference(q, k, v, mask, scale):
+    """float64, every query head against its KV head's keys, the mask broadcast over heads."""
+    G = q.shape[1] // k.shape[1]
+    k, v = (x.double().repeat_interleave(G, dim=1) for x in (k, v))
+    scores = (q.double() @ k.transpose(-1, -2)) * scale
+    return scores.masked_fill(~mask, -torch.inf).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,N,per_head", [(2, 8, 2, 300, False), (3, 4, 4, 70, False), (2, 6, 2, 129, True),
+                                                 (1, 16, 2, 2 * BLOCK_N, False)])
+def test_decode_attention_matches_reference(B, Hq, Hkv, N, per_head):
+    """Split over the slots and merged: the attention of every query head over its row's unmasked slots, for
+    splits of whole and partial blocks, GQA groups of 1-8, and masks shared by the heads or per head."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, h, n, 16, generator=g) for h, n in ((Hq, 1), (Hkv, N), (Hkv, N)))
+    filled = torch.randint(1, N + 1, (B,), generator=g)
+    mask = (torch.arange(N)[None, :] < filled[:, None])[:, None, None]  # a row's first slots, as in static decode
+    if per_head:
+        mask = mask & (torch.rand(B, Hq, 1, N, generator=g) < 0.7)
+        mask[..., 0] = True
+    assert splits_for(B * Hkv, N) > 1 or N <= BLOCK_N
+    got = decode_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), mask.to(DEVICE), 0.25)
+    assert got.shape == q.shape
+    torch.testing.assert_close(got.cpu().double(), decode_reference(q, k, v, mask, 0.25), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_under_compile_and_in_the_decode_path():
+    """The custom op traces whole under torch.compile (fake tensor shapes), and the GQA decode path dispatches to
+    it on a GPU and nowhere else."""
+    from trimkv.hooks import _split_decode
+
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    compiled = torch.compile(lambda *a: decode_attention(*a, 0.25), backend="eager", fullgraph=True)
+    got = compiled(*(x.to(DEVICE) for x in (q, k, v, mask)))
+    torch.testing.assert_close(got.cpu().double(), decode_reference(q, k, v, mask, 0.25), rtol=1e-5, atol=1e-5)
+    assert _split_decode(q.to(DEVICE), mask.to(DEVICE)) == CUDA
+    assert not _split_decode(q.double().to(DEVICE), mask.to(DEVICE))
+
+
+@gpu
+@pytest.mark.parametrize("B", [4, 8])
+def test_gpu_bf16_decode_attention(B):
+    """Table 5's shapes (Qwen3-4B heads, M + buffer = 1,152 slots) in bf16 against the float64 reference."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, h, n, 128, generator=g) for h, n in ((32, 1), (8, 1152), (8, 1152)))
+    mask = (torch.arange(1152)[None, :] < torch.randint(1025, 1153, (B,), generator=g)[:, None])[:, None, None]
+    got = decode_attention(*(x.cuda().bfloat16() for x in (q, k, v)), mask.cuda(), 128**-0.5)
+    assert (got.cpu().double() - decode_reference(q, k, v, mask, 128**-0.5)).abs().max() < 2e-2
+
 
 def max_rel_error(got, exact) -> float:
     """max |got - exact| / max |exact|: the error on the tensor's own scale."""

@@ -50,17 +50,31 @@ def _model_eager(module):  # every modeling file has its own eager_attention_for
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
+def _split_decode(query, mask) -> bool:
+    """Whether a decode step's attention runs `trimkv.kernels.decode_attention` (a CUDA device with triton)."""
+    from trimkv import kernels
+
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and mask.dtype == torch.bool and kernels.available())
+
+
 def sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' SDPA attention, except for a one-token pass with a mask under GQA (a decode step on the
     bounded cache): transformers then repeats K and V for every query head (its SDPA path uses GQA only without
     a mask), a copy of the whole cache per layer and step. Instead the G query heads of each KV head become G
-    query rows of one SDPA call over the KV head's keys, read once."""
+    query rows of one attention over the KV head's keys, read once: on a GPU the split-slot Triton kernel
+    (`trimkv.kernels.decode_attention`), elsewhere one SDPA call."""
     B, Hq, q, D = query.shape
     Hkv = key.shape[1]
     if q != 1 or attention_mask is None or Hq == Hkv or module.training:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     G, K = Hq // Hkv, key.shape[2]
+    if _split_decode(query, attention_mask):
+        from trimkv.kernels.decode_attention import decode_attention
+
+        out = decode_attention(query, key, value, attention_mask.expand(B, -1, 1, K), scaling or D**-0.5)
+        return out.reshape(B, 1, Hq, D), None
     if attention_mask.shape[1] == Hq:  # a per-head mask (B, Hq, 1, K) -> (B, Hkv, G, K)
         attention_mask = attention_mask.reshape(B, Hkv, G, K)
     out = torch.nn.functional.scaled_dot_product_attention(query.reshape(B, Hkv, G, D), key, value,

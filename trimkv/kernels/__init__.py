@@ -1,7 +1,10 @@
-"""Triton kernels for gate training (optional: needs the `triton` package, which the CUDA builds of torch bring).
+"""Triton kernels for gate training and decoding (optional: needs the `triton` package, which the CUDA builds of
+torch bring).
 
     retention_attention   retention-gated attention, forward and backward (`trimkv.attention` backend "triton")
     capacity              the capacity sums S_t = sum_{i<=t} beta_i^(t-i) and their gradient (`trimkv.train.losses`)
+    decode_attention      a decode step's attention over the bounded cache's slots, split over the slots
+                          (`trimkv.hooks.sdpa_forward` on a GPU)
 
 Importing this package needs nothing; importing its modules needs triton. `available()` says whether the kernels
 can run here: triton importable and a CUDA device (or Triton's CPU interpreter, TRITON_INTERPRET=1, for tests).
