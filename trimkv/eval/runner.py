@@ -74,7 +74,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=None,
                    help="data written by `trimkv data fetch` (default: resources/data/<benchmark>)")
     p.add_argument("--subset", default=None, help="benchmark part(s), comma-separated: LongBench tasks, SCBench subsets, "
-                   "LongProc <task>_<len>, LongMemEval s|m|oracle (default: the paper's set)")
+                   "LongProc <task>_<len>, LongMemEval s|m|oracle, synthetic's split test|validation "
+                   "(default: the paper's set; synthetic: test)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems (per task/subset)")
     p.add_argument("--samples", type=int, default=None, help="generations per problem for pass@1 (default: paper's)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences generated together (left padding; default 1)")

@@ -1,7 +1,8 @@
 """`synthetic`: the offline long-horizon recall task (trimkv/synthetic/task.py), the default preset's benchmark.
 
 Data: not downloaded; `python -m trimkv synthetic generate --out <data_dir>` writes the splits
-(`dataset`/`revision` are empty: nothing to fetch). `load` reads `<data_dir>/test.jsonl`.
+(`dataset`/`revision` are empty: nothing to fetch). `load` reads `<data_dir>/test.jsonl`, or
+`validation.jsonl` with `--subset validation`.
 Prompt: the raw task text (`chat = False`: the tiny base model was pretrained on plain text, and its
 chat template is the identity on one user turn anyway). The prompt text starts with `<s>`.
 Output: the model recites every fact in key order, `k0:v.. k1:v.. ...`, then `</s>`.
@@ -26,6 +27,13 @@ class Synthetic(Benchmark):
     settings = GenerationSettings(max_new_tokens=16)
     chat = False
     split = "test"
+
+    def configure(self, subset=None, **options) -> None:
+        """subset: the split to evaluate, "test" (default) or "validation" (choosing among training runs)."""
+        if subset not in (None, "test", "validation"):
+            raise ValueError(f"benchmark 'synthetic': subset is a split, test or validation; got {subset!r}")
+        self.split = subset or "test"
+        super().configure(**options)
 
     def load(self, data_dir: Path, limit: int | None = None) -> list[Sample]:
         from trimkv.synthetic.task import read_split
