@@ -175,6 +175,11 @@ def test_benchmark_loads_renders_and_scores(tmp_path):
     assert bench.score(sample, " ".join(answers))["extracted"] == " ".join(answers)
     with pytest.raises(ValueError, match="synthetic generate"):
         bench.load(tmp_path / "missing")
+    validation = get_benchmark("synthetic")
+    validation.configure(subset="validation")  # what choosing among seeds evaluates
+    assert [s.id for s in validation.load(tmp_path, limit=2)] == ["validation-000000", "validation-000001"]
+    with pytest.raises(ValueError, match="test or validation"):
+        get_benchmark("synthetic").configure(subset="train")
 
 
 def test_cli_generate_and_help(tmp_path, capsys):

@@ -116,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     from trimkv.eval import runner
     from trimkv.report import cli as report
     from trimkv.synthetic import cli as synthetic
-    from trimkv.train import trainer
+    from trimkv.train import select, trainer
 
     trainer.add_parser(sub)
+    select.add_parser(sub)
     runner.add_parser(sub)
     data.add_parser(sub)
     bench.add_parser(sub)

@@ -181,6 +181,10 @@ def load_gates(root: Path | None) -> list[GateRun]:
         params = job_params(file, metrics)
         label = file.parent.relative_to(root).as_posix()
         label = Path(root).name if label == "." else label
+        selection = file.with_name("selection.json")  # a run kept among seeds by `trimkv select`
+        kept = read_json(selection) if selection.is_file() else {}
+        if len(kept.get("runs", [])) > 1:
+            label += f" (kept: seed {kept.get('seed')})"
         runs.append(GateRun(path=file.parent, label=label, base_model=str(params.get("model", label)),
                             final=metrics["final"], curves=metrics.get("curves") or {}, params=params))
     return runs
