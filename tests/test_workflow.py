@@ -36,9 +36,28 @@ def test_offline_preset_dag():
     config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     bounded = [p for p in config["policies"] if trimkv.POLICIES[p].bounded]
     cells = len(config["benchmarks"]["synthetic"]["budgets"]) * len(bounded) + 1
-    assert counts == {"synthetic_task": 1, "synthetic_base": 1, "train_gates": 1, "train_locret": 1,
-                      "train_seerattn_r": 1, "evaluate": cells, "report_tables": 1, "report_figures": 1,
-                      "report_retention": 1, "track": 1, "all": 1, "total": cells + 10}
+    runs = 3 * 3  # gates, LocRet, SeerAttention-R, seeds 0-2 each: every run evaluated on validation
+    assert counts == {"synthetic_task": 1, "synthetic_base": 1, "train": runs, "validate": runs, "select": 3,
+                      "evaluate": cells, "report_tables": 1, "report_figures": 1, "report_retention": 1,
+                      "track": 1, "all": 1, "total": cells + 2 * runs + 10}
+
+
+def test_seed_selection_wiring(tmp_path):
+    """Each seed trains its own run with --seed; selection reads every run's validation evaluation; evaluation
+    loads the kept copy."""
+    run = snakemake("-n", "--forceall", "-p", "results/eval/synthetic-tiny/synthetic/trimkv/16/metrics.json")
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    for seed in (0, 1, 2):
+        assert f"--out results/gates/synthetic-tiny/seeds/{seed} --seed {seed}" in out
+        assert (f"--model results/gates/synthetic-tiny/seeds/{seed} --benchmark synthetic --subset validation"
+                in out)
+    scores = " ".join(f"results/select/synthetic-tiny/gates/{s}/metrics.json" for s in (0, 1, 2))
+    assert f"--scores {scores} --out results/gates/synthetic-tiny" in out
+    assert "eval --model results/gates/synthetic-tiny --benchmark synthetic" in out
+    single = bad_config(tmp_path, lambda c: [c["models"]["synthetic-tiny"][s].pop("seeds")
+                                             for s in ("gates", "locret", "seerattn_r")])
+    assert single.returncode == 0 and "validate" not in job_counts(single.stdout)  # one seed: nothing to choose
 
 
 def test_paper_preset_covers_every_model_benchmark_policy_and_budget():
@@ -51,7 +70,7 @@ def test_paper_preset_covers_every_model_benchmark_policy_and_budget():
     cells = sum(len(b.get("models") or config["models"]) * (len(b["budgets"]) * len(bounded) + 1)
                 for b in config["benchmarks"].values())
     assert counts["evaluate"] == cells == 1072  # 7 models, 8 benchmarks, 9 budgeted policies x budgets + full
-    assert counts["train_gates"] == counts["train_locret"] == counts["train_seerattn_r"] == 7
+    assert counts["train"] == counts["select"] == 3 * 7 and "validate" not in counts  # one seed each
     assert counts["fetch_dataset"] == len(config["datasets"])
     assert "synthetic_base" not in counts  # the paper preset does not merge the offline one
 
@@ -79,6 +98,8 @@ def bad_config(tmp_path: Path, edit) -> subprocess.CompletedProcess:
     (lambda c: c["models"]["synthetic-tiny"]["gates"].update(memory_sise=3), "memory_sise"),
     (lambda c: c["models"]["synthetic-tiny"]["gates"].update(max_steps="many"), "max_steps"),
     (lambda c: c["benchmarks"]["synthetic"].update(models=["nope"]), "nope"),
+    (lambda c: c["models"]["synthetic-tiny"].pop("select"), "select"),
+    (lambda c: c["models"]["synthetic-tiny"]["locret"]["options"].update(seed=3), "seed"),
 ])
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, edit, named):
     run = bad_config(tmp_path, edit)

@@ -17,7 +17,7 @@
 #   "Trying to restart job N", a new submission of job N and "Finished jobid: N".
 # Prints "SLURM-PRESET: PASS ..." or "SLURM-PRESET: FAIL ..." as its last line; exit 0 on PASS only.
 #
-# Environment: KILL_RULES (regex on the rule name, default "train_gates|evaluate"), KILL_MATCH (regex on the
+# Environment: KILL_RULES (regex on the rule name, default "train|evaluate"), KILL_MATCH (regex on the
 # command line, default "-m trimkv "), KILL_AFTER (s, default 3), RUN_TIMEOUT (s, default 3000),
 # SLURM_CI_WORKDIR (scratch dir, default mktemp), SLURM_CI_SRC (tree to copy, default this repo),
 # SLURM_CI_LOG (log file, default $SLURM_CI_WORKDIR/slurm-preset.log).
@@ -26,7 +26,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 SRC=${SLURM_CI_SRC:-$REPO}
 PROFILE="$REPO/profiles/slurm-ci"
-KILL_RULES=${KILL_RULES:-train_gates|evaluate}
+KILL_RULES=${KILL_RULES:-train|evaluate}
 KILL_AFTER=${KILL_AFTER:-3}
 KILL_MATCH=${KILL_MATCH:--m trimkv }
 RUN_TIMEOUT=${RUN_TIMEOUT:-3000}

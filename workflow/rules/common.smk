@@ -7,12 +7,18 @@ MODELS = config["models"]
 BENCHMARKS = config["benchmarks"]
 POLICIES = config["policies"]
 UNBOUNDED = {"full"}  # policies evaluated once, without a budget
-# Learned baselines: policy -> (where its training run writes, the file that marks it finished). Each
-# needs a models.<model>.<policy> training section when it is in `policies`.
-LEARNED = {
-    "locret": ("results/locret", "locret_config.json"),
-    "seerattn_r": ("results/seerattn_r", "seer_config.json"),
-}
+# Learned retention: config section (= results/<section>/) -> the policy that evaluates it (= the
+# trainer's --method). The learned baselines need a models.<model>.<policy> section when in `policies`.
+LEARNED_SECTIONS = {"gates": "trimkv", "locret": "locret", "seerattn_r": "seerattn_r"}
+SECTION_PATTERN = "|".join(LEARNED_SECTIONS)
+LEARNED = [
+    s for s in LEARNED_SECTIONS if s != "gates"
+]  # the baselines' sections, named as their policies
+
+
+wildcard_constraints:
+    model="[^/]+",
+    seed="[0-9]+",
 
 
 def _check_names():
@@ -33,8 +39,18 @@ def _check_names():
                 raise ValueError(
                     f"config: models.{name}.{policy} is required when policies include {policy}"
                 )
-        for section in ["gates", *LEARNED]:
-            for dataset in model.get(section, {}).get("data", []):
+        for section in LEARNED_SECTIONS:
+            spec = model.get(section, {})
+            if spec.get("seeds") and "seed" in (spec.get("options") or {}):
+                raise ValueError(
+                    f"config: models.{name}.{section}: give seeds or options.seed, not both"
+                )
+            if len(spec.get("seeds") or []) > 1 and "select" not in model:
+                raise ValueError(
+                    f"config: models.{name}.{section}.seeds: several seeds need models.{name}.select"
+                    " (the benchmark, split and budget that choose among them)"
+                )
+            for dataset in spec.get("data", []):
                 if dataset != "synthetic" and dataset not in config.get("datasets", {}):
                     raise ValueError(
                         f"config: models.{name}.{section}.data: {dataset!r} is not in datasets"
@@ -55,6 +71,13 @@ def cli_options(options: dict) -> str:
             values = value if isinstance(value, list) else [value]
             flags.append(f"{flag} {' '.join(str(v) for v in values)}")
     return " ".join(flags)
+
+
+def eval_options(benchmark: str) -> str:
+    """The flags of an evaluation job: the eval section's, then the benchmark's own options."""
+    return cli_options(
+        {**config.get("eval", {}), **BENCHMARKS.get(benchmark, {}).get("options", {})}
+    )
 
 
 def base_model(model: str) -> str:
@@ -92,14 +115,38 @@ def train_data_files(method: str):
 
 def learned_dir(model: str, policy: str) -> str:
     """What an evaluation loads: a learned baseline's own run for its policy, the TRIM-KV gates otherwise."""
-    root = LEARNED[policy][0] if policy in LEARNED else "results/gates"
-    return f"{root}/{model}"
+    return f"results/{policy if policy in LEARNED else 'gates'}/{model}"
 
 
 def learned_config(wildcards) -> str:
-    policy = wildcards.policy
-    name = LEARNED[policy][1] if policy in LEARNED else "trimkv_config.json"
-    return f"{learned_dir(wildcards.model, policy)}/{name}"
+    """The file that marks the kept training run of what `learned_dir` loads."""
+    return f"{learned_dir(wildcards.model, wildcards.policy)}/metrics.json"
+
+
+def seeds(model: str, section: str) -> list[int]:
+    spec = MODELS[model][section]
+    return spec.get("seeds") or [(spec.get("options") or {}).get("seed", 0)]
+
+
+def seed_runs(model: str, section: str) -> list[str]:
+    return [f"results/{section}/{model}/seeds/{seed}" for seed in seeds(model, section)]
+
+
+def validation_scores(model: str, section: str) -> list[str]:
+    """The validation evaluations that choose among several seeds (none for one seed)."""
+    runs = seeds(model, section)
+    return (
+        [f"results/select/{model}/{section}/{seed}/metrics.json" for seed in runs]
+        if len(runs) > 1
+        else []
+    )
+
+
+def train_options(model: str, section: str) -> dict:
+    """The trainer flags of a section; the seed comes from the run's {seed} wildcard."""
+    options = dict(MODELS[model][section].get("options") or {})
+    options.pop("seed", None)
+    return options
 
 
 def benchmark_models(benchmark: str) -> list[str]:
@@ -148,10 +195,10 @@ def config_hash() -> str:
 
 
 def all_outputs() -> list[str]:
-    outputs = [f"results/gates/{m}/trimkv_config.json" for m in MODELS]
-    for policy, (root, done) in LEARNED.items():
+    outputs = [f"results/gates/{m}/metrics.json" for m in MODELS]
+    for policy in LEARNED:
         if policy in POLICIES:
-            outputs += [f"{root}/{m}/{done}" for m in MODELS]
+            outputs += [f"results/{policy}/{m}/metrics.json" for m in MODELS]
     outputs += eval_cells()
     outputs += [
         "results/tables",

@@ -21,9 +21,7 @@ rule evaluate:
     params:
         model=lambda wc: learned_dir(wc.model, wc.policy),
         budget=lambda wc: "" if wc.budget == "full" else f"--budget {wc.budget}",
-        options=lambda wc: cli_options(
-            {**config.get("eval", {}), **BENCHMARKS[wc.benchmark].get("options", {})}
-        ),
+        options=lambda wc: eval_options(wc.benchmark),
     shell:
         "python -m trimkv eval --model {params.model} --benchmark {wildcards.benchmark}"
         " --data-dir resources/data/{wildcards.benchmark} --policy {wildcards.policy} {params.budget}"

@@ -42,7 +42,7 @@ rule report_figures:
 
 rule report_retention:
     input:
-        gates=lambda wc: f"results/gates/{config['report']['retention']['model']}/trimkv_config.json",
+        gates=lambda wc: f"results/gates/{config['report']['retention']['model']}/metrics.json",
         data=lambda wc: f"resources/data/{config['report']['retention']['benchmark']}/manifest.json",
     output:
         figures=report(
