@@ -250,13 +250,15 @@ def decode_reference(q, k, v, mask, scale):
     return scores.masked_fill(~mask, -torch.inf).softmax(-1) @ v
 
 
-@pytest.mark.parametrize("B,Hq,Hkv,N,per_head", [(2, 8, 2, 300, False), (3, 4, 4, 70, False), (2, 6, 2, 129, True),
-                                                 (1, 16, 2, 2 * BLOCK_N, False)])
-def test_decode_attention_matches_reference(B, Hq, Hkv, N, per_head):
+@pytest.mark.parametrize("B,Hq,Hkv,N,D,per_head", [(2, 8, 2, 300, 16, False), (3, 4, 4, 70, 16, False),
+                                                   (2, 6, 2, 129, 16, True), (1, 16, 2, 2 * BLOCK_N, 16, False),
+                                                   (2, 4, 2, 90, 24, False)])
+def test_decode_attention_matches_reference(B, Hq, Hkv, N, D, per_head):
     """Split over the slots and merged: the attention of every query head over its row's unmasked slots, for
-    splits of whole and partial blocks, GQA groups of 1-8, and masks shared by the heads or per head."""
+    splits of whole and partial blocks, GQA groups of 1-8, masks shared by the heads or per head, and a head
+    dim that is no power of two (Phi-3's 96 in small)."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, h, n, 16, generator=g) for h, n in ((Hq, 1), (Hkv, N), (Hkv, N)))
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((Hq, 1), (Hkv, N), (Hkv, N)))
     filled = torch.randint(1, N + 1, (B,), generator=g)
     mask = (torch.arange(N)[None, :] < filled[:, None])[:, None, None]  # a row's first slots, as in static decode
     if per_head:

@@ -25,23 +25,25 @@ TARGET_PROGRAMS = 512  # enough thread blocks to spread one step's K/V reads ove
 @triton.jit
 def _split_kernel(Q, K, V, Mask, Out, Lse, scale, N, split_n, n_splits, H_kv,
                   sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_h,
-                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                  G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
                   PER_HEAD_MASK: tl.constexpr, IEEE: tl.constexpr):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // H_kv, bh % H_kv
     g = tl.arange(0, G_PAD)
-    d = tl.arange(0, D)
+    d = tl.arange(0, D_PAD)  # head dims padded to a power of two (Phi-3: 96 -> 128), the pad masked
     heads = h * G + g
-    q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=g[:, None] < G, other=0.0)
+    q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=(g[:, None] < G) & (d[None, :] < D),
+                other=0.0)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
     start = split * split_n
     end = tl.minimum(start + split_n, N)
     for n0 in range(start, end, BLOCK):
         n = n0 + tl.arange(0, BLOCK)
         valid = n < end
-        k = tl.load(K + b * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(K + b * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :], mask=valid[:, None] & (d[None, :] < D),
+                    other=0.0)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
@@ -56,7 +58,8 @@ def _split_kernel(Q, K, V, Mask, Out, Lse, scale, N, split_n, n_splits, H_kv,
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing to attend yet
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-        v = tl.load(V + b * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(V + b * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :], mask=valid[:, None] & (d[None, :] < D),
+                    other=0.0)
         l_i = l_i * alpha + tl.sum(p, 1)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -67,23 +70,24 @@ def _split_kernel(Q, K, V, Mask, Out, Lse, scale, N, split_n, n_splits, H_kv,
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     row = (b * H_kv * G + heads) * n_splits + split  # Out (B * H_q, n_splits, D), Lse (B * H_q, n_splits)
-    tl.store(Out + row[:, None] * D + d[None, :], out, mask=g[:, None] < G)
+    tl.store(Out + row[:, None] * D + d[None, :], out, mask=(g[:, None] < G) & (d[None, :] < D))
     tl.store(Lse + row, lse, mask=g < G)
 
 
 @triton.jit
-def _merge_kernel(Part, Lse, Out, n_splits, D: tl.constexpr, S_PAD: tl.constexpr):
+def _merge_kernel(Part, Lse, Out, n_splits, D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
     row = tl.program_id(0)
     s = tl.arange(0, S_PAD)
-    d = tl.arange(0, D)
+    d = tl.arange(0, D_PAD)
     lse = tl.load(Lse + row * n_splits + s, mask=s < n_splits, other=float("-inf"))
     top = tl.max(lse, 0)
     top = tl.where(top == float("-inf"), 0.0, top)
     w = tl.exp(lse - top)
-    part = tl.load(Part + (row * n_splits + s)[:, None] * D + d[None, :], mask=(s < n_splits)[:, None], other=0.0)
+    part = tl.load(Part + (row * n_splits + s)[:, None] * D + d[None, :],
+                   mask=(s < n_splits)[:, None] & (d[None, :] < D), other=0.0)
     total = tl.sum(w, 0)
     out = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(Out + row * D + d, out.to(Out.dtype.element_ty))
+    tl.store(Out + row * D + d, out.to(Out.dtype.element_ty), mask=d < D)
 
 
 def splits_for(rows: int, n: int) -> int:
@@ -96,8 +100,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      scale: float) -> torch.Tensor:
     B, Hq, q_len, D = query.shape
     Hkv, N = key.shape[1], key.shape[2]
-    if q_len != 1 or Hq % Hkv or mask.dtype != torch.bool or D & (D - 1):
-        raise ValueError("decode_attention: one query token, H_q a multiple of H_kv, a bool mask, D a power of 2")
+    if q_len != 1 or Hq % Hkv or mask.dtype != torch.bool:
+        raise ValueError("decode_attention: one query token, H_q a multiple of H_kv, and a bool mask")
     G = Hq // Hkv
     if key.stride(-1) != 1 or value.stride(-1) != 1:
         key, value = key.contiguous(), value.contiguous()
@@ -105,6 +109,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     m = mask[:, :, 0]
     m = m if m.stride(-1) == 1 else m.contiguous()
     per_head = m.shape[1] != 1
+    d_pad = max(16, triton.next_power_of_2(D))
     n_splits = splits_for(B * Hkv, N)
     split_n = triton.cdiv(triton.cdiv(N, n_splits), BLOCK_N) * BLOCK_N
     n_splits = triton.cdiv(N, split_n)
@@ -114,10 +119,11 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         q, key, value, m.view(torch.int8), part, lse, scale, N, split_n, n_splits, Hkv,
         q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), m.stride(0), m.stride(1) if per_head else 0,
-        G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK=BLOCK_N, PER_HEAD_MASK=per_head,
+        G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, D_PAD=d_pad, BLOCK=BLOCK_N, PER_HEAD_MASK=per_head,
         IEEE=query.dtype == torch.float32, num_warps=4, num_stages=2)
     out = torch.empty(B, Hq, 1, D, device=query.device, dtype=query.dtype)
-    _merge_kernel[(B * Hq,)](part, lse, out, n_splits, D=D, S_PAD=triton.next_power_of_2(n_splits), num_warps=4)
+    _merge_kernel[(B * Hq,)](part, lse, out, n_splits, D=D, D_PAD=d_pad, S_PAD=triton.next_power_of_2(n_splits),
+                             num_warps=4)
     return out
 
 
