@@ -60,3 +60,18 @@ def test_help_describes_every_option():
     assert out.returncode == 0
     for option in ("--model", "--policy", "--memory-size", "--buffer-size", "--prompt", "--sink", "--window"):
         assert option in out.stdout
+
+
+def test_bench_attention_backends_option(capsys):
+    """`bench attention --backends triton` skips flex (whose 32K compilations take minutes); every bench says
+    in one line that it needs a GPU."""
+    import torch
+
+    from trimkv.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "attention", "--lengths", "32768", "--backends", "triton"])
+    assert args.backends == ["triton"] and args.lengths == [32768]
+    assert build_parser().parse_args(["bench", "attention"]).backends == ["flex", "triton"]
+    if not torch.cuda.is_available():
+        assert main(["bench", "attention", "--backends", "triton"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err

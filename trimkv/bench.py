@@ -104,14 +104,16 @@ def attention(args) -> int:
     # flex compiles once per length and grad mode (the error checks run without grad): past dynamo's default of 8
     # recompilations it falls back to an unfused path that runs out of memory at 32K
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    backends, capacity_sums = {"flex": retention_attention_flex}, None
-    if kernels.available():
+    backends, capacity_sums = {}, None
+    if "flex" in args.backends:
+        backends["flex"] = retention_attention_flex
+    if "triton" in args.backends and kernels.available():
         from trimkv.kernels.capacity import capacity_sums
         from trimkv.kernels.retention_attention import retention_attention_triton
 
         backends["triton"] = retention_attention_triton
-    else:
-        print("triton is not installed: timing flex and SDPA only", file=sys.stderr)
+    elif "triton" in args.backends:
+        print("triton is not installed: the Triton kernel is not timed", file=sys.stderr)
     rows = []
     for T in args.lengths:
         rows.append(_attention_row(T, args, backends, capacity_sums))
@@ -132,6 +134,9 @@ def add_parser(subparsers) -> None:
     a.add_argument("--heads", type=int, default=16, help="query heads (Qwen3-1.7B: 16)")
     a.add_argument("--kv-heads", type=int, default=8, help="KV heads (Qwen3-1.7B: 8)")
     a.add_argument("--head-dim", type=int, default=128)
+    a.add_argument("--backends", nargs="+", choices=("flex", "triton"), default=["flex", "triton"],
+                   help="retention-gated attention implementations timed against SDPA (default: both; leave out "
+                   "flex to reach 32K quickly: its compilations there take minutes)")
     a.add_argument("--reference-max", type=int, default=4096,
                    help="up to this length also time the plain reference and check every gradient against it")
     a.add_argument("--error-rows", type=int, default=512,
