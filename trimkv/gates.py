@@ -96,6 +96,34 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
+def attached(model: nn.Module, attr: str, missing: str) -> list[nn.Module]:
+    """Every layer's `self_attn.<attr>` (retention_gate, retaining_head, attn_gate), in layer order; a ValueError
+    "trimkv: the model has no <missing>" if a layer has none."""
+    found = [getattr(layer.self_attn, attr, None) for layer in decoder_layers(model)]
+    if any(m is None for m in found):
+        raise ValueError(f"trimkv: the model has no {missing}")
+    return found
+
+
+class AttentionRecorder:
+    """`with Recorder(model) as r:` puts r on every layer's attention module as the attribute `attr` (set by the
+    subclass), so the attention implementation a training objective runs can hand r what it computes."""
+
+    attr: str
+
+    def __init__(self, model: nn.Module):
+        self.modules = [layer.self_attn for layer in decoder_layers(model)]
+
+    def __enter__(self):
+        for attn in self.modules:
+            setattr(attn, self.attr, self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for attn in self.modules:
+            setattr(attn, self.attr, None)
+
+
 def num_kv_heads(config) -> int:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
@@ -122,10 +150,7 @@ def attach_gates(model: nn.Module, config: GateConfig | None = None) -> nn.Modul
 
 def gates(model: nn.Module) -> list[RetentionGate]:
     """The attached gates, one per layer; a clear error if the model has none."""
-    found = [getattr(layer.self_attn, "retention_gate", None) for layer in decoder_layers(model)]
-    if any(g is None for g in found):
-        raise ValueError("trimkv: the model has no retention gates; call trimkv.attach_gates(model) first")
-    return found
+    return attached(model, "retention_gate", "retention gates; call trimkv.attach_gates(model) first")
 
 
 def gate_parameters(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -42,7 +42,7 @@ from torch import nn
 
 from trimkv.cache import BoundedCache
 from trimkv.checkpoint import ModuleFormat
-from trimkv.gates import decoder_layers, num_kv_heads
+from trimkv.gates import AttentionRecorder, attached, decoder_layers, num_kv_heads
 from trimkv.hooks import _CACHE_ATTR, prepare  # _CACHE_ATTR: the cache of the attention forward in progress
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
@@ -160,25 +160,18 @@ def _on_projection(attn: nn.Module, index: int, total: int, module: nn.Module, a
         recorder.predictions.append(score)
 
 
-class ScoreRecorder:
+class ScoreRecorder(AttentionRecorder):
     """Inside `with ScoreRecorder(model) as r:`, every forward appends each layer's head output (B, T, H_kv) to
     r.predictions in layer order (with autograd history when grad is enabled). The attention implementation of
     train/locret_loss.py appends each layer's causal importance targets to r.targets."""
 
+    attr = RECORDER_ATTR
+
     def __init__(self, model: nn.Module):
         retaining_heads(model)  # a clear error when there are none
-        self.modules = [layer.self_attn for layer in decoder_layers(model)]
+        super().__init__(model)
         self.predictions: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
-
-    def __enter__(self):
-        for attn in self.modules:
-            setattr(attn, RECORDER_ATTR, self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for attn in self.modules:
-            setattr(attn, RECORDER_ATTR, None)
 
 
 @torch.no_grad()
@@ -191,11 +184,8 @@ def predict(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 def retaining_heads(model: nn.Module) -> list[RetainingHead]:
     """The attached heads, one per layer; a clear error if the model has none."""
-    found = [getattr(layer.self_attn, "retaining_head", None) for layer in decoder_layers(model)]
-    if any(h is None for h in found):
-        raise ValueError("trimkv: the model has no LocRet retaining heads; call "
-                         "trimkv.attach_retaining_heads(model) or load a LocRet checkpoint first")
-    return found
+    return attached(model, "retaining_head", "LocRet retaining heads; call trimkv.attach_retaining_heads(model) or "
+                    "load a LocRet checkpoint first")
 
 
 def head_parameters(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from trimkv.checkpoint import ModuleFormat
-from trimkv.gates import decoder_layers, num_kv_heads
+from trimkv.gates import attached, decoder_layers, num_kv_heads
 from trimkv.hooks import prepare
 
 POOLINGS = ("max", "min", "avg")
@@ -211,11 +211,8 @@ def attach_attn_gates(model: nn.Module, config: SeerConfig | None = None) -> nn.
 
 def attn_gates(model: nn.Module) -> list[AttnGate]:
     """The attached gates, one per layer; a clear error if the model has none."""
-    found = [getattr(layer.self_attn, "attn_gate", None) for layer in decoder_layers(model)]
-    if any(g is None for g in found):
-        raise ValueError("trimkv: the model has no SeerAttention-R gates; call trimkv.attach_attn_gates(model) or "
-                         "load a seerattn_r checkpoint first")
-    return found
+    return attached(model, "attn_gate", "SeerAttention-R gates; call trimkv.attach_attn_gates(model) or load a "
+                    "seerattn_r checkpoint first")
 
 
 def gate_parameters(model: nn.Module) -> dict[str, torch.Tensor]:

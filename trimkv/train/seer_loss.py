@@ -38,7 +38,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from trimkv.gates import decoder_layers
+from trimkv.gates import AttentionRecorder
 from trimkv.seer import attn_gates, unrotate
 
 LOSS_SLICE = 0.5  # released training script: the loss covers the second half of each sequence
@@ -93,25 +93,18 @@ def gate_kl(logits: Tensor, target: Tensor, block_size: int, first: int = 0) -> 
     return terms.sum(), B * H * (T - start)
 
 
-class GateRecorder:
+class GateRecorder(AttentionRecorder):
     """Inside `with GateRecorder(model, first) as r:`, every forward with the `trimkv_seer` attention appends each
     layer's (KL sum, rows) to r.kl and the target's mean entropy to r.entropy, in layer order."""
 
+    attr = RECORDER_ATTR
+
     def __init__(self, model, first: int = 0):
         attn_gates(model)  # a clear error when there are none
-        self.modules = [layer.self_attn for layer in decoder_layers(model)]
+        super().__init__(model)
         self.first = first
         self.kl: list[tuple[Tensor, int]] = []
         self.entropy: list[Tensor] = []
-
-    def __enter__(self):
-        for attn in self.modules:
-            setattr(attn, RECORDER_ATTR, self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for attn in self.modules:
-            setattr(attn, RECORDER_ATTR, None)
 
 
 def objective(model, ids: Tensor, loss_slice: float = LOSS_SLICE, length: int | None = None) -> dict[str, Tensor]:
