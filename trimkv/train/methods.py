@@ -13,6 +13,7 @@ rest (data, optimizer, schedule, checkpoints and resume, processes, DeepSpeed) a
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -77,21 +78,27 @@ TRIMKV = Method("trimkv", ("loss", "kl", "ntp", "capacity", "beta_mean"), _attac
                 lambda model: {"gate_config": model.trimkv_gate_config.to_dict()})
 
 
+# ---- the learned baselines: small modules trained on a frozen base model through stock SDPA ------------------------
+
+def _recording_sdpa(method: str, modules: str, loss_module: str):
+    """The attention of a baseline's training: stock SDPA that also records what the loss needs, registered by
+    importing trimkv.train.<loss_module>. Checkpointing has nothing to save: only the small modules have grads."""
+
+    def attention(cfg, device: torch.device) -> str:
+        if cfg.gradient_checkpointing:
+            raise ValueError(f"--gradient-checkpointing has nothing to save with --method {method}: the frozen base "
+                             f"model builds no autograd graph, only the small {modules} do")
+        return importlib.import_module(f"trimkv.train.{loss_module}").IMPLEMENTATION.removeprefix("trimkv_")
+
+    return attention
+
+
 # ---- locret: the LocRet baseline ----------------------------------------------------------------------------------
 
 def _attach_heads(model, cfg) -> None:
     from trimkv.locret import LocretConfig, attach_retaining_heads
 
     attach_retaining_heads(model, LocretConfig(intermediate_size=cfg.locret_intermediate_size))
-
-
-def _head_attention(cfg, device: torch.device) -> str:
-    if cfg.gradient_checkpointing:
-        raise ValueError("--gradient-checkpointing has nothing to save with --method locret: the frozen base "
-                         "model builds no autograd graph, only the small heads do")
-    from trimkv.train import locret_loss  # registers its attention implementation
-
-    return locret_loss.IMPLEMENTATION.removeprefix("trimkv_")  # stock SDPA that also records the CIS targets
 
 
 def _head_objective(model, ids, cfg, teacher: str, length: int) -> dict[str, Tensor]:
@@ -113,7 +120,7 @@ def _save_heads(model, path, **kwargs):
 
 
 LOCRET = Method("locret", ("loss", "cis", "smoothness", "cis_mean"), _attach_heads, _head_parameters,
-                _head_attention, _head_objective, _save_heads,
+                _recording_sdpa("locret", "heads", "locret_loss"), _head_objective, _save_heads,
                 lambda model: {"locret_config": model.trimkv_locret_config.to_dict()})
 
 # ---- seerattn_r: the SeerAttention-R baseline --------------------------------------------------------------------
@@ -122,15 +129,6 @@ def _attach_seer(model, cfg) -> None:
     from trimkv.seer import SeerConfig, attach_attn_gates
 
     attach_attn_gates(model, SeerConfig(block_size=cfg.seer_block_size, gate_hidden_size=cfg.seer_gate_hidden_size))
-
-
-def _seer_attention(cfg, device: torch.device) -> str:
-    if cfg.gradient_checkpointing:
-        raise ValueError("--gradient-checkpointing has nothing to save with --method seerattn_r: the frozen base "
-                         "model builds no autograd graph, only the small gates do")
-    from trimkv.train import seer_loss  # registers its attention implementation
-
-    return seer_loss.IMPLEMENTATION.removeprefix("trimkv_")  # stock SDPA that also computes the gate loss
 
 
 def _seer_objective(model, ids, cfg, teacher: str, length: int) -> dict[str, Tensor]:
@@ -151,7 +149,8 @@ def _save_seer(model, path, **kwargs):
     return save_attn_gates(model, path, **kwargs)
 
 
-SEERATTN_R = Method("seerattn_r", ("loss", "target_entropy"), _attach_seer, _seer_parameters, _seer_attention,
-                    _seer_objective, _save_seer, lambda model: {"seer_config": model.trimkv_seer_config.to_dict()})
+SEERATTN_R = Method("seerattn_r", ("loss", "target_entropy"), _attach_seer, _seer_parameters,
+                    _recording_sdpa("seerattn_r", "gates", "seer_loss"), _seer_objective, _save_seer,
+                    lambda model: {"seer_config": model.trimkv_seer_config.to_dict()})
 
 METHODS = {m.name: m for m in (TRIMKV, LOCRET, SEERATTN_R)}
