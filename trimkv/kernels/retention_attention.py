@@ -58,6 +58,27 @@ TUNING_KEY = ["LEN_KEY", "BLOCK_D", "G", "MASK_KIND"]
 # ---- forward -------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _logits(q, kT, lb, pos_m, offs_m, start_n, offs_n_f, cols, col_ok, mask_ptrs, stride_ms, qk_scale, T,
+            CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr):
+    """Logits of the query rows against the key block at start_n, in log2 units: q k^T * scale plus the slope
+    (pos_t - i) lb_i, then the causal and the given mask. The forward and the dQ pass share it."""
+    # (pos_t - i) lb_i = (pos_t - start_n) lb_i - (i - start_n) lb_i: one FMA per logit. Its rounding error,
+    # ~6e-8 (pos_t - start_n) |lb_i|, is ~1e-7 of the weight 2^((pos_t - i) lb_i) at worst, at any length
+    slope = (pos_m - start_n).to(tl.float32)[:, None] * lb[None, :] - (offs_n_f * lb)[None, :]
+    s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale + slope
+    if CAUSAL:
+        s = tl.where((pos_m[:, None] >= cols[None, :]) & col_ok[None, :], s, float("-inf"))
+    if MASK_KIND == 1:
+        allowed = tl.load(mask_ptrs + start_n * stride_ms, mask=(offs_m < T)[:, None] & col_ok[None, :], other=0)
+        s = tl.where(allowed != 0, s, float("-inf"))
+    if MASK_KIND == 2:
+        bias = tl.load(mask_ptrs + start_n * stride_ms, mask=(offs_m < T)[:, None] & col_ok[None, :],
+                       other=0.0).to(tl.float32)
+        s += tl.maximum(bias, -1.0e30) * 1.4426950408889634
+    return s
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, lb_ptr, mask_ptrs, offs_m, pos_m, offs_n, offs_d,
               stride_ks, stride_vs, stride_ms, qk_scale, T, S, lo, hi,
               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -80,20 +101,8 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, lb_ptr, mask_ptrs, offs_m, pos_m
             kT = tl.load(k_ptrs + start_n * stride_ks, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs + start_n * stride_vs, mask=d_ok[None, :], other=0.0)
             lb = tl.load(lb_ptr + cols) * 1.4426950408889634
-        # (pos_t - i) lb_i = (pos_t - start_n) lb_i - (i - start_n) lb_i: one FMA per logit. Its rounding error,
-        # ~6e-8 (pos_t - start_n) |lb_i|, is ~1e-7 of the weight 2^((pos_t - i) lb_i) at worst, at any length
-        slope = (pos_m - start_n).to(tl.float32)[:, None] * lb[None, :] - (offs_n_f * lb)[None, :]
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale + slope  # (M, N), log2 units
-        if CAUSAL:
-            s = tl.where((pos_m[:, None] >= cols[None, :]) & col_ok[None, :], s, float("-inf"))
-        if MASK_KIND == 1:
-            allowed = tl.load(mask_ptrs + start_n * stride_ms, mask=(offs_m < T)[:, None] & col_ok[None, :],
-                              other=0)
-            s = tl.where(allowed != 0, s, float("-inf"))
-        if MASK_KIND == 2:
-            bias = tl.load(mask_ptrs + start_n * stride_ms, mask=(offs_m < T)[:, None] & col_ok[None, :],
-                           other=0.0).to(tl.float32)
-            s += tl.maximum(bias, -1.0e30) * 1.4426950408889634
+        s = _logits(q, kT, lb, pos_m, offs_m, start_n, offs_n_f, cols, col_ok, mask_ptrs, stride_ms, qk_scale, T,
+                    CAUSAL, MASK_KIND, PRECISION)  # (M, N), log2 units
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet stays at zero
         p = tl.exp2(s - m_use[:, None])
@@ -284,20 +293,8 @@ def _dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, lb_ptr, mask_ptrs, offs_m, p
             kT = tl.load(k_ptrs + start_n * stride_ks, mask=d_ok[:, None], other=0.0)
             vT = tl.load(v_ptrs + start_n * stride_vs, mask=d_ok[:, None], other=0.0)
             lb = tl.load(lb_ptr + cols) * 1.4426950408889634
-        # (pos_t - i) lb_i = (pos_t - start_n) lb_i - (i - start_n) lb_i: one FMA per logit. Its rounding error,
-        # ~6e-8 (pos_t - start_n) |lb_i|, is ~1e-7 of the weight 2^((pos_t - i) lb_i) at worst, at any length
-        slope = (pos_m - start_n).to(tl.float32)[:, None] * lb[None, :] - (offs_n_f * lb)[None, :]
-        s = tl.dot(q, kT, input_precision=PRECISION) * qk_scale + slope  # (M, N), log2 units
-        if CAUSAL:
-            s = tl.where((pos_m[:, None] >= cols[None, :]) & col_ok[None, :], s, float("-inf"))
-        if MASK_KIND == 1:
-            allowed = tl.load(mask_ptrs + start_n * stride_ms, mask=(offs_m < T)[:, None] & col_ok[None, :],
-                              other=0)
-            s = tl.where(allowed != 0, s, float("-inf"))
-        if MASK_KIND == 2:
-            bias = tl.load(mask_ptrs + start_n * stride_ms, mask=(offs_m < T)[:, None] & col_ok[None, :],
-                           other=0.0).to(tl.float32)
-            s += tl.maximum(bias, -1.0e30) * 1.4426950408889634
+        s = _logits(q, kT, lb, pos_m, offs_m, start_n, offs_n_f, cols, col_ok, mask_ptrs, stride_ms, qk_scale, T,
+                    CAUSAL, MASK_KIND, PRECISION)  # (M, N), log2 units
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
