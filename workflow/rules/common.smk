@@ -98,18 +98,19 @@ def dataset_dir(name: str) -> str:
     return f"resources/data/{name}"
 
 
-def train_data_input(method: str):
-    """Input function: the manifests of the datasets models.<model>.<method> trains on."""
-    return lambda wc: [
-        f"{dataset_dir(d)}/manifest.json" for d in MODELS[wc.model][method]["data"]
+def train_data_input(wildcards) -> list[str]:
+    """Input function: the manifests of the datasets models.<model>.<section> trains on."""
+    return [
+        f"{dataset_dir(d)}/manifest.json"
+        for d in MODELS[wildcards.model][wildcards.section]["data"]
     ]
 
 
-def train_data_files(method: str):
+def train_data_files(wildcards) -> list[str]:
     """The synthetic task's train split; a fetched dataset's directory (the trainer reads its manifest)."""
-    return lambda wc: [
+    return [
         f"{dataset_dir(d)}/train.jsonl" if d == "synthetic" else dataset_dir(d)
-        for d in MODELS[wc.model][method]["data"]
+        for d in MODELS[wildcards.model][wildcards.section]["data"]
     ]
 
 

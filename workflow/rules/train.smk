@@ -10,7 +10,7 @@
 rule train:
     input:
         base=base_model_input,
-        data=lambda wc: train_data_input(wc.section)(wc),
+        data=train_data_input,
     output:
         metrics="results/{section}/{model}/seeds/{seed}/metrics.json",
     log:
@@ -27,7 +27,7 @@ rule train:
     params:
         method=lambda wc: LEARNED_SECTIONS[wc.section],
         base=lambda wc: base_model(wc.model),
-        data=lambda wc: train_data_files(wc.section)(wc),
+        data=train_data_files,
         spec=lambda wc: MODELS[wc.model][wc.section],
         options=lambda wc: cli_options(train_options(wc.model, wc.section)),
     shell:
