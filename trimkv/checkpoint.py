@@ -214,10 +214,16 @@ def _apply(ckpt: Checkpoint, model: nn.Module) -> nn.Module:
         from trimkv.seer import FORMAT
 
         return FORMAT.apply(ckpt, model)
+    return _load_into(ckpt, model, attach_gates, gate_parameters, ckpt.weights_file)
+
+
+def _load_into(ckpt: Checkpoint, model: nn.Module, attach: Callable, parameters: Callable,
+               weights_file: Path) -> nn.Module:
+    """Check the architecture, attach the modules, copy the checkpoint's tensors in, record provenance."""
     _check_architecture(ckpt, model.config)
-    attach_gates(model, ckpt.gate_config)
-    params = gate_parameters(model)
-    _check_tensors(ckpt.tensors, {k: tuple(p.shape) for k, p in params.items()}, ckpt.weights_file)
+    attach(model, ckpt.gate_config)
+    params = parameters(model)
+    _check_tensors(ckpt.tensors, {k: tuple(p.shape) for k, p in params.items()}, weights_file)
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(ckpt.tensors[key])
@@ -292,17 +298,7 @@ class ModuleFormat:
 
     def apply(self, ckpt: Checkpoint, model: nn.Module) -> nn.Module:
         """Check the architecture, attach the modules, copy the checkpoint's tensors in, record provenance."""
-        _check_architecture(ckpt, model.config)
-        self.attach(model, ckpt.gate_config)
-        params = self.parameters(model)
-        _check_tensors(ckpt.tensors, {k: tuple(p.shape) for k, p in params.items()}, ckpt.path / self.tensors_file)
-        with torch.no_grad():
-            for key, param in params.items():
-                param.copy_(ckpt.tensors[key])
-        model.trimkv_defaults = dict(ckpt.defaults)
-        model.trimkv_source = {"path": str(ckpt.path), "revision": None, "format": self.name,
-                               "base_model": ckpt.base_model, "base_revision": ckpt.base_revision}
-        return model
+        return _load_into(ckpt, model, self.attach, self.parameters, ckpt.path / self.tensors_file)
 
 
 def _check_architecture(ckpt: Checkpoint, base_config) -> None:
