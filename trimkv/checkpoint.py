@@ -66,12 +66,7 @@ def save_gates(model: nn.Module, path: str | os.PathLike, base_model: str | None
     renamed into place, and the config (the marker of a finished save) is removed first and written
     last, so a killed save never leaves a directory that looks complete.
     """
-    from safetensors.torch import save_file
-
     gates(model)  # clear error if no gates are attached
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in gate_parameters(model).items()}
     meta = {
         "format_version": FORMAT_VERSION,
         "base_model": base_model or model.config._name_or_path or None,
@@ -80,10 +75,22 @@ def save_gates(model: nn.Module, path: str | os.PathLike, base_model: str | None
         **model_architecture(model.config),
         "extra": extra or {},
     }
+    return _write_checkpoint(path, GATES_FILE, CONFIG_FILE, gate_parameters(model), meta, "trimkv")
+
+
+def _write_checkpoint(path: str | os.PathLike, tensors_file: str, config_file: str, tensors: dict[str, torch.Tensor],
+                      meta: dict, tensor_format: str) -> Path:
+    """The tensors, then the config: the config (the marker of a finished save) is removed first and written last,
+    each file through a temp file renamed into place, so a killed save never looks complete."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     config_text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    (path / CONFIG_FILE).unlink(missing_ok=True)
-    _atomic_write(path / GATES_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "trimkv"}))
-    _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_text))
+    (path / config_file).unlink(missing_ok=True)
+    _atomic_write(path / tensors_file, lambda tmp: save_file(tensors, tmp, metadata={"format": tensor_format}))
+    _atomic_write(path / config_file, lambda tmp: Path(tmp).write_text(config_text))
     return path
 
 
@@ -254,11 +261,6 @@ class ModuleFormat:
         """The contract of `save_gates`: base_model defaults to the model's `_name_or_path`, `extra` (e.g. the
         training run's memory_size, read back as the default budget) is stored as is, the config file is removed
         first and written last. architecture: the values of `architecture_fields`."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.parameters(model).items()}
         meta = {
             "format_version": FORMAT_VERSION,
             "method": self.name,
@@ -269,12 +271,8 @@ class ModuleFormat:
             **architecture,
             "extra": extra or {},
         }
-        config_text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-        (path / self.config_file).unlink(missing_ok=True)
-        _atomic_write(path / self.tensors_file,
-                      lambda tmp: save_file(tensors, tmp, metadata={"format": f"trimkv-{self.name}"}))
-        _atomic_write(path / self.config_file, lambda tmp: Path(tmp).write_text(config_text))
-        return path
+        return _write_checkpoint(path, self.tensors_file, self.config_file, self.parameters(model), meta,
+                                 f"trimkv-{self.name}")
 
     def read(self, path: Path) -> Checkpoint:
         """The directory as a `Checkpoint` of this format, tensors checked against its own config."""
