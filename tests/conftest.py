@@ -67,3 +67,12 @@ def save_tiny_tokenizer(directory: str | Path) -> Path:
                                         eos_token="</s>", unk_token="<unk>")
     tokenizer.save_pretrained(directory)
     return Path(directory)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: more threads only add contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

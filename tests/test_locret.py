@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import save_tiny_model, tiny_model
 from safetensors.torch import load_file, save_file
 from test_cache import gated, generate, left_padded, randomize_heads
-from test_train import config, files, fixed_sequences  # noqa: F401 (files is a fixture)
+from test_train import config, files, fixed_sequences, mean_objective  # noqa: F401 (files is a fixture)
 from transformers import AutoModelForCausalLM
 
 import trimkv
@@ -25,14 +25,7 @@ from trimkv.train import locret_loss
 from trimkv.train.locret_loss import causal_importance
 from trimkv.train.trainer import EXIT_PREEMPTED, train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: more threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def headed(family="qwen3", seed=0, attn="sdpa"):
@@ -247,12 +240,6 @@ def locret_config(files, out, **overrides):  # noqa: F811
     return config(files, out, method="locret", locret_intermediate_size=32, lr=3e-3, **overrides)
 
 
-def mean_loss(model, sequences) -> dict[str, float]:
-    with torch.no_grad():
-        parts = [locret_loss.objective(model, ids) for ids in sequences]
-    return {k: sum(float(p[k]) for p in parts) / len(parts) for k in parts[0]}
-
-
 def test_training_lowers_the_loss(files, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     start = time.perf_counter()
@@ -264,7 +251,7 @@ def test_training_lowers_the_loss(files, tmp_path):  # noqa: F811
     trimkv.attach_retaining_heads(init, LocretConfig(intermediate_size=32))
     trained = trimkv.load_pretrained(out)
     sequences = fixed_sequences(files)
-    before, after = mean_loss(init, sequences), mean_loss(trained, sequences)
+    before, after = (mean_objective(locret_loss.objective, m, sequences) for m in (init, trained))
     assert after["loss"] < 0.5 * before["loss"], (before, after)
     assert after["cis_mean"] == pytest.approx(before["cis_mean"])  # the same frozen model, the same targets
 

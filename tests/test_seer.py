@@ -13,7 +13,7 @@ import torch
 from conftest import save_tiny_model, tiny_model
 from safetensors.torch import load_file, save_file
 from test_cache import generate, left_padded
-from test_train import config, files, fixed_sequences  # noqa: F401 (files is a fixture)
+from test_train import config, files, fixed_sequences, mean_objective  # noqa: F401 (files is a fixture)
 from transformers import AutoModelForCausalLM
 
 import trimkv
@@ -25,13 +25,7 @@ from trimkv.train.trainer import train
 SMALL = SeerConfig(block_size=4, gate_hidden_size=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: more threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def seer(family="qwen3", seed=0, config=SMALL):
@@ -250,12 +244,6 @@ def seer_config(files, out, **overrides):  # noqa: F811
                   **overrides)
 
 
-def mean_loss(model, sequences) -> dict[str, float]:
-    with torch.no_grad():
-        parts = [seer_loss.objective(model, ids) for ids in sequences]
-    return {k: sum(float(p[k]) for p in parts) / len(parts) for k in parts[0]}
-
-
 def test_training_lowers_the_loss(files, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     start = time.perf_counter()
@@ -267,7 +255,7 @@ def test_training_lowers_the_loss(files, tmp_path):  # noqa: F811
     trimkv.attach_attn_gates(init, SeerConfig(block_size=8, gate_hidden_size=16))
     trained = trimkv.load_pretrained(out)
     sequences = fixed_sequences(files)
-    before, after = mean_loss(init, sequences), mean_loss(trained, sequences)
+    before, after = (mean_objective(seer_loss.objective, m, sequences) for m in (init, trained))
     assert after["loss"] < 0.7 * before["loss"], (before, after)
     assert after["target_entropy"] == pytest.approx(before["target_entropy"])  # the same frozen teacher
 

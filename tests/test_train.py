@@ -31,13 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: more threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +142,11 @@ def evaluate(model, ids) -> dict[str, torch.Tensor]:
         return objective(model, ids, memory_size=8, teacher=plain)
 
 
-def mean_objective(model, sequences) -> dict[str, float]:
+def mean_objective(objective, model, sequences) -> dict[str, float]:
+    """A training objective's parts (loss, ...) averaged over fixed sequences, without gradients (here and in
+    the LocRet and SeerAttention-R training tests)."""
     with torch.no_grad():
-        parts = [evaluate(model, ids) for ids in sequences]
+        parts = [objective(model, ids) for ids in sequences]
     return {k: sum(float(p[k]) for p in parts) / len(parts) for k in parts[0]}
 
 
@@ -183,7 +179,7 @@ def test_training_lowers_the_loss_and_leaves_the_base_untouched(files, tmp_path,
     trimkv.attach_gates(init, trimkv.GateConfig(intermediate_size=32, bias_init=3.0))
     after = trimkv.load_pretrained(out)
     sequences = fixed_sequences(files)
-    before, now = mean_objective(init, sequences), mean_objective(after, sequences)
+    before, now = (mean_objective(evaluate, m, sequences) for m in (init, after))
     assert now["loss"] < before["loss"] - 0.05, (before, now)
     assert now["capacity"] < 0.5 * before["capacity"] and now["beta_mean"] < before["beta_mean"]
 
