@@ -2,7 +2,8 @@
 same run. Numbers measured on the H200 are recorded in docs/benchmarks.md with the command used.
 
 bench attention: retention-gated attention fwd+bwd (flex, our Triton kernel, and the plain reference where
-it fits in memory) against SDPA's flash path without the retention bias, at Qwen3-1.7B head shapes, bf16;
+it fits in memory) against SDPA's flash backend (FlashAttention-2) without the retention bias (its default
+dispatch and the cuDNN and memory-efficient backends are timed too), at Qwen3-1.7B head shapes, bf16;
 target: Triton <= 1.3x SDPA. Errors against the fp32 reference: the output's last rows at every length, every
 gradient up to --reference-max. Also the capacity sums S_t of one layer, fwd+bwd: Triton vs FlexAttention.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 ATTENTION_TARGET = 1.3  # issue 9: retention-gated attention fwd+bwd within 1.3x of SDPA (flash) without the bias
@@ -38,6 +40,7 @@ def _attention_row(T: int, args, backends: dict, capacity_sums) -> dict:
     """One length: times (ms), ratios to SDPA and errors against the fp32 reference."""
     import torch
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from trimkv.attention import retention_attention_reference
     from trimkv.train.losses import log_capacity, log_capacity_flex
@@ -56,12 +59,24 @@ def _attention_row(T: int, args, backends: dict, capacity_sums) -> dict:
     def sdpa():
         F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(grad)
 
-    row = {"T": T, "sdpa_ms": _time_ms(sdpa)}
+    # the baseline is SDPA's flash backend (FlashAttention-2, issue 9); the default dispatch (which may pick cuDNN
+    # on Hopper) and the other backends are timed beside it
+    row = {"T": T, "sdpa_default_ms": _time_ms(sdpa)}
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                row[f"sdpa_{name}_ms"] = _time_ms(sdpa)
+        except RuntimeError:  # not built, or not for these shapes
+            row[f"sdpa_{name}_ms"] = None
+    flash = row["sdpa_flash_ms"] is not None
+    row["sdpa_ms"] = row["sdpa_flash_ms"] if flash else row["sdpa_default_ms"]
     for name, fn in backends.items():
         row[f"{name}_ms"] = _time_ms(lambda fn=fn: fn(*inputs).backward(grad))
         row[f"{name}_over_sdpa"] = row[f"{name}_ms"] / row["sdpa_ms"]
-    with torch.no_grad():  # forward alone, to tell where the time goes
+    with torch.no_grad(), sdpa_kernel(SDPBackend.FLASH_ATTENTION) if flash else nullcontext():  # forward alone
         row["sdpa_fwd_ms"] = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    with torch.no_grad():
         for name, fn in backends.items():
             row[f"{name}_fwd_ms"] = _time_ms(lambda fn=fn: fn(*inputs))
     if "triton" in backends:
