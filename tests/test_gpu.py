@@ -84,6 +84,29 @@ def test_compiled_decode_step_matches_plain_step(policy):
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
 
 
+def test_graph_decode_step_in_bf16_runs_decode_linear():
+    """In bf16 with decode_linear=True the captured step's linear layers run the kernel (tuned for the tiny
+    model's shapes) and give the plain step's logits up to bf16 rounding; the model is plain nn.Linear after."""
+    from trimkv.decode import StaticDecoder
+    from trimkv.kernels.decode_linear import _decode_linear_kernel
+
+    model = gated("qwen3").bfloat16().cuda()
+    ids = torch.randint(3, model.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0)).cuda()
+    feed = torch.randint(3, model.config.vocab_size, (12, 3), generator=torch.Generator().manual_seed(1)).cuda()
+    _decode_linear_kernel.cache.clear()
+    logits = []
+    for graph in (False, True):
+        cache = trimkv.make_cache("trimkv", memory_size=8, buffer_size=4)
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=True, past_key_values=cache)
+            decoder = StaticDecoder(model, cache, len(feed), graph=graph, decode_linear=True)
+            logits.append(torch.stack([decoder.step(token).float() for token in feed]))
+            decoder.close()
+    assert len(_decode_linear_kernel.cache) > 0  # tuned, so it ran
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    torch.testing.assert_close(logits[1], logits[0], rtol=3e-2, atol=3e-2)
+
+
 def test_cuda_graph_decode_reads_nothing_back_per_step():
     """After the capture, a decode step neither synchronizes with the host nor allocates."""
     from trimkv.decode import StaticDecoder

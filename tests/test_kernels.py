@@ -42,6 +42,7 @@ elif not CUDA:
 from trimkv.attention import retention_attention_reference
 from trimkv.kernels.capacity import capacity_sums
 from trimkv.kernels.decode_attention import BLOCK_N, decode_attention, splits_for
+from trimkv.kernels.decode_linear import MAX_ROWS, DecodeLinear, decode_linear, decode_linears, split_for
 from trimkv.kernels.retention_attention import retention_attention_triton
 from trimkv.train.losses import capacity_loss, log_capacity
 
@@ -293,6 +294,67 @@ def test_gpu_bf16_decode_attention(B):
     mask = (torch.arange(1152)[None, :] < torch.randint(1025, 1153, (B,), generator=g)[:, None])[:, None, None]
     got = decode_attention(*(x.cuda().bfloat16() for x in (q, k, v)), mask.cuda(), 128**-0.5)
     assert (got.cpu().double() - decode_reference(q, k, v, mask, 128**-0.5)).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 50, 80), (3, 70, 300), (MAX_ROWS, 64, 64), (5, 40, 2100)])
+def test_decode_linear_matches_reference(M, N, K):
+    """Split over K in slices of the block width, the partial sums added: x W^T for 1 to MAX_ROWS rows, column
+    and inner sizes that fill no block, and (K = 2,100) four splits of several slices each."""
+    dtype = torch.float16 if INTERPRET else torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K**0.5
+    got = decode_linear(x.to(DEVICE, dtype), w.to(DEVICE, dtype))
+    assert got.shape == (M, N) and got.dtype == dtype
+    exact = x.to(dtype).double() @ w.to(dtype).double().T  # the rounding of the inputs is not the kernel's
+    torch.testing.assert_close(got.cpu().double(), exact, rtol=1e-2, atol=1e-2)
+    assert torch.equal(decode_linear(x.to(DEVICE, dtype), w.to(DEVICE, dtype)), got)  # a fixed order of sums
+    with pytest.raises(ValueError, match="rows"):
+        decode_linear(torch.zeros(MAX_ROWS + 1, K, dtype=dtype, device=DEVICE), w.to(DEVICE, dtype))
+
+
+def test_decode_linear_under_compile():
+    """Traced by torch.compile, the partials' op is taken whole (its fake gives the split's shape) and the sum is
+    left to the graph: the values of the eager op's own summing kernel."""
+    dtype = torch.float16 if INTERPRET else torch.bfloat16
+    x, w = torch.randn(3, 2100, dtype=dtype, device=DEVICE), torch.randn(40, 2100, dtype=dtype, device=DEVICE) / 45
+    compiled = torch.compile(decode_linear, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, w), decode_linear(x, w), rtol=1e-2, atol=1e-2)  # bf16: an ulp
+
+
+def test_decode_linear_splits_by_shape():
+    """Hand-counted on an H200 (132 SMs, up to 528 blocks): column blocks of 64, doubled splits while the blocks
+    fit and each slice of K keeps >= 512; and the interpreter's 4 "SMs" split the K = 2,100 case above in four."""
+    assert split_for(4096, 2560, 132) == 4  # q_proj: 64 blocks x 4
+    assert split_for(1024, 2560, 132) == 4  # k_proj, v_proj: 16 blocks x 4 (640-wide slices)
+    assert split_for(2560, 4096, 132) == 8  # o_proj: 40 x 8
+    assert split_for(9728, 2560, 132) == 2  # gate, up: 152 x 2 (x 4 would be 608 > 528)
+    assert split_for(2560, 9728, 132) == 8  # down: 40 x 8
+    assert split_for(151936, 2560, 132) == 1  # lm_head: 2,374 blocks
+    assert split_for(40, 2100, 4) == 4
+
+
+def test_decode_linears_swaps_the_plain_linears_back():
+    """Inside the block the model's plain nn.Linear modules are DecodeLinear (the same objects and weights) and
+    compute the same outputs where the kernel does not apply (here: CPU or float32); after it, nn.Linear again."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3, bias=False))
+    x = torch.randn(2, 8)
+    before = model(x)
+    with decode_linears(model):
+        assert [type(m) for m in model] == [DecodeLinear, torch.nn.ReLU, DecodeLinear]
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+
+
+@gpu
+@pytest.mark.parametrize("rows", [4, 8])
+def test_gpu_bf16_decode_linear_at_qwen3_4b_shapes(rows):
+    """bf16 at every product of a Qwen3-4B decode step against the float64 product of the same bf16 inputs."""
+    g = torch.Generator().manual_seed(0)
+    for K, N in [(2560, 4096), (2560, 1024), (4096, 2560), (2560, 9728), (9728, 2560), (2560, 151936)]:
+        x, w = torch.randn(rows, K, generator=g).bfloat16(), (torch.randn(N, K, generator=g) / K**0.5).bfloat16()
+        got = decode_linear(x.cuda(), w.cuda()).cpu().double()
+        exact = x.double() @ w.double().T
+        assert (got - exact).abs().max() < 2e-2 * exact.abs().max(), (K, N)
 
 
 def max_rel_error(got, exact) -> float:

@@ -80,7 +80,7 @@ def _step_bytes(model, cache) -> int:
 
 
 def run_one(model, policy: str, context: int, batch: int, generate: int, memory_size: int, buffer_size: int,
-            prefill_chunk: int, bandwidth: float, dynamic_steps: int, compile: bool) -> dict:
+            prefill_chunk: int, bandwidth: float, dynamic_steps: int, compile: bool, decode_linear: bool) -> dict:
     import torch
 
     import trimkv
@@ -113,7 +113,8 @@ def run_one(model, policy: str, context: int, batch: int, generate: int, memory_
         torch.cuda.synchronize()
         dynamic_ms = start.elapsed_time(end) / dynamic_steps
 
-        decoder = StaticDecoder(model, cache, generate + 3, graph=True, compile=compile)  # + warm-up and capture
+        # + warm-up and capture
+        decoder = StaticDecoder(model, cache, generate + 3, graph=True, compile=compile, decode_linear=decode_linear)
         for _ in range(decoder.warmup + 1):  # eager warm-up steps and the capture
             token = decoder.step(token).argmax(-1)
         compressions_before = decoder.compressions
@@ -134,6 +135,7 @@ def run_one(model, policy: str, context: int, batch: int, generate: int, memory_
     step_ms = decode_ms / generate
     bound_ms = _step_bytes(model, cache) / bandwidth * 1e3
     row = {"policy": policy, "context": context, "batch": batch, "generate": generate, "compiled": compile,
+           "decode_linear": decode_linear,
            "memory_size": memory_size if cache.memory_size is not None else None, "buffer_size": buffer_size,
            "slots": cache.slots, "prefill_s": prefill_ms / 1e3, "decode_s": decode_ms / 1e3,
            "ms_per_step": step_ms, "tokens_per_s": batch * generate / (decode_ms / 1e3),
@@ -167,16 +169,16 @@ def decode(args) -> int:
     for context, batch in args.settings:
         for policy in args.policies:
             row = run_one(model, policy, context, batch, args.generate, args.memory_size, args.buffer_size,
-                          args.prefill_chunk, bandwidth, args.dynamic_steps, args.compile)
+                          args.prefill_chunk, bandwidth, args.dynamic_steps, args.compile, args.decode_linear)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'policy':<10} {'context':>7} {'batch':>5} {'tok/s':>8} {'paper':>7} {'target':>7} {'ms/step':>8} "
-          f"{'of bound':>8} {'evict':>6} {'vs dynamic':>10}")
+          f"{'of bound':>8} {'evict':>6} {'vs dynamic':>10} {'products':>8}")
     for r in rows:
         print(f"{r['policy']:<10} {r['context']:>7} {r['batch']:>5} {r['tokens_per_s']:>8.1f} "
               f"{r.get('paper_tokens_per_s', float('nan')):>7.1f} {r.get('target_tokens_per_s', float('nan')):>7.0f} "
               f"{r['ms_per_step']:>8.2f} {r['of_bound']:>8.1%} {r['eviction_share']:>6.1%} "
-              f"{r['speedup_over_dynamic']:>9.1f}x")
+              f"{r['speedup_over_dynamic']:>9.1f}x {'triton' if r['decode_linear'] else 'cublas':>8}")
     if args.out:
         args.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                                         "copy_bandwidth_Bps": bandwidth, "args": {k: v for k, v in vars(args).items()
@@ -199,5 +201,7 @@ def add_parser(sub) -> None:
     d.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="qwen3-4b")
     d.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the decode step before capturing it (default: on)")
+    d.add_argument("--decode-linear", action=argparse.BooleanOptionalAction, default=False,
+                   help="the step's linear layers run trimkv.kernels.decode_linear instead of cuBLAS (default: off)")
     d.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     d.set_defaults(func=decode)

@@ -18,6 +18,8 @@ on the GPU by tests/test_gpu.py.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -43,20 +45,36 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0,
     return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
 
 
+def _product_swap(use: bool):
+    """On the GPU path the step's linear layers run `trimkv.kernels.decode_linear` (cuBLAS reads the weights at
+    about half the bandwidth with 4-8 rows); elsewhere they stay as they are."""
+    from trimkv import kernels
+
+    if use and kernels.available():
+        from trimkv.kernels.decode_linear import decode_linears
+
+        return decode_linears
+    return lambda model: nullcontext()
+
+
 class StaticDecoder:
     """Drives a prefilled `BoundedCache` in static decode; `step(tokens)` returns next-token logits.
 
     graph=True captures the step (and compression) as CUDA graphs after `warmup` eager steps.
     compile=True first compiles the step with `torch.compile` (hooks and cache included, one graph): the
     ~70 small kernels of a layer's norms, rotary embedding, gate and cache update fuse into a few, which is
-    what a captured step of a small-batch decode spends most of its time on.
+    what a captured step of a small-batch decode spends most of its time on. decode_linear=True (with
+    graph=True on a GPU): the step's linear layers (fp16/bf16, at most 16 rows) run
+    `trimkv.kernels.decode_linear` instead of cuBLAS; off by default until it is measured on the H200
+    (`bench decode --decode-linear`; issue 9).
     """
 
     def __init__(self, model: nn.Module, cache: BoundedCache, max_new_tokens: int, graph: bool = False,
-                 warmup: int = 2, compile: bool = False):
+                 warmup: int = 2, compile: bool = False, decode_linear: bool = False):
         self.model, self.cache, self.graph, self.warmup = model, cache, graph, warmup
         self.max_new_tokens = max_new_tokens
         self._run = torch.compile(self._forward) if compile else self._forward
+        self._linears = _product_swap(graph and decode_linear)
         self.counts = cache.begin_static_decode(max_new_tokens)  # the only host read of the cache
         self.full_at = (cache.memory_size + cache.buffer_size) if cache.memory_size is not None else None
         device = cache.count.device
@@ -67,6 +85,10 @@ class StaticDecoder:
         self._step_graph = self._compress_graph = None
         self.logits: torch.Tensor | None = None
         self.compressions = 0
+
+    def _step_forward(self) -> torch.Tensor:
+        with self._linears(self.model):
+            return self._run()
 
     def _forward(self) -> torch.Tensor:
         out = self.model(input_ids=self.tokens, position_ids=self.cache.seen[:, None].clone(), use_cache=True,
@@ -86,7 +108,7 @@ class StaticDecoder:
         pool = torch.cuda.graph_pool_handle()
         self._step_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._step_graph, pool=pool):
-            self.logits = self._run()
+            self.logits = self._step_forward()
         if self.full_at is not None:
             self.rows.zero_()
             self._on_side_stream(lambda: self.cache.compress_full_rows(self.rows))  # a no-op: warm-up
@@ -105,7 +127,7 @@ class StaticDecoder:
         if self._step_graph is not None:
             self._step_graph.replay()
         elif self.graph:
-            self.logits = self._on_side_stream(self._run)
+            self.logits = self._on_side_stream(self._step_forward)
         else:
             self.logits = self._run()
         self.cache.seen_total += 1  # host bookkeeping a replay does not do
