@@ -264,7 +264,8 @@ def _bwd_dkdv(Q, K, V, LB, MASK, DO, LSE, DELTA, DK, DV, DLB, DQ,
         lse_ptr = LSE + (b64 * HQ + h) * T
         delta_ptr = DELTA + (b64 * HQ + h) * T
         mask_ptrs = MASK + b64 * stride_mb + h * stride_mh + offs_n[:, None] * stride_ms  # + row offsets per tile
-        dq_ptrs = DQ + (b64 * HQ + h) * T * BLOCK_D + offs_m[:, None] * BLOCK_D + offs_d[None, :]  # (B, Hq, T, BLOCK_D)
+        # the fp32 dQ accumulator, (B, Hq, T, BLOCK_D)
+        dq_ptrs = DQ + (b64 * HQ + h) * T * BLOCK_D + offs_m[:, None] * BLOCK_D + offs_d[None, :]
         dk, dv, dlb = _dkdv_tile(dk, dv, dlb, k, v, lb, q_ptrs, do_ptrs, lse_ptr, delta_ptr, mask_ptrs, dq_ptrs,
                                  offs_m, offs_n, offs_d, stride_qt, stride_dot, stride_mt, qk_scale, sm_scale, offset,
                                  T, S, lo, full, True, MASK_KIND, D, BLOCK_D, BLOCK_M, PRECISION, ATOMIC_DQ)
@@ -419,7 +420,8 @@ class RetentionAttention(torch.autograd.Function):
         dlb = torch.empty_like(lb)
         # ATOMIC_DQ: the dK/dV kernel also adds each key block's share of dQ into an fp32 accumulator (padded to
         # BLOCK_D), the FlashAttention-2 recipe; otherwise a dQ kernel of its own recomputes the probabilities
-        dq_acc = torch.zeros(B, Hq, T, block_d if ATOMIC_DQ else 1, device=q.device, dtype=torch.float32)
+        dq_acc = (torch.zeros(B, Hq, T, block_d, device=q.device, dtype=torch.float32) if ATOMIC_DQ
+                  else torch.empty(1, device=q.device, dtype=torch.float32))  # unread: nothing to allocate or zero
         common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2), *ms)
         consts = {"HQ": Hq, "G": G, "D": D, "BLOCK_D": block_d, "MASK_KIND": kind, "PRECISION": precision}
