@@ -18,11 +18,10 @@ on the GPU by tests/test_gpu.py.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import nn
 
+from trimkv import kernels
 from trimkv.cache import BoundedCache
 from trimkv.compat import generate_cache_kwarg
 
@@ -45,18 +44,6 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0,
     return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
 
 
-def _product_swap(use: bool):
-    """On the GPU path the step's linear layers run `trimkv.kernels.decode_linear` (cuBLAS reads the weights at
-    about half the bandwidth with 4-8 rows); elsewhere they stay as they are."""
-    from trimkv import kernels
-
-    if use and kernels.available():
-        from trimkv.kernels.decode_linear import decode_linears
-
-        return decode_linears
-    return lambda model: nullcontext()
-
-
 class StaticDecoder:
     """Drives a prefilled `BoundedCache` in static decode; `step(tokens)` returns next-token logits.
 
@@ -74,7 +61,7 @@ class StaticDecoder:
         self.model, self.cache, self.graph, self.warmup = model, cache, graph, warmup
         self.max_new_tokens = max_new_tokens
         self._run = torch.compile(self._forward) if compile else self._forward
-        self._linears = _product_swap(graph and decode_linear)
+        self.decode_linear = graph and decode_linear and kernels.available()
         self.counts = cache.begin_static_decode(max_new_tokens)  # the only host read of the cache
         self.full_at = (cache.memory_size + cache.buffer_size) if cache.memory_size is not None else None
         device = cache.count.device
@@ -87,7 +74,11 @@ class StaticDecoder:
         self.compressions = 0
 
     def _step_forward(self) -> torch.Tensor:
-        with self._linears(self.model):
+        if not self.decode_linear:
+            return self._run()
+        from trimkv.kernels.decode_linear import decode_linears
+
+        with decode_linears(self.model):  # the step's products at <= 16 rows: cuBLAS reads weights at ~half speed
             return self._run()
 
     def _forward(self) -> torch.Tensor:

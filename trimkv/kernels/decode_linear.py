@@ -32,7 +32,8 @@ PROGRAMS = 4  # thread blocks per SM to aim for: enough loads in flight, and a s
 
 def split_for(N: int, K: int, sms: int) -> int:
     """Slices of the inner dimension: a power of two that brings the column blocks up to PROGRAMS per SM, each
-    slice at least 512 wide (two of the widest BLOCK_K). Chosen on the host from the shapes, so the partial sums' shape is static."""
+    slice at least 512 wide (two of the widest BLOCK_K). Chosen on the host from the shapes, so the partial sums'
+    shape is static."""
     split, blocks = 1, triton.cdiv(N, BLOCK_N)
     while blocks * split * 2 <= PROGRAMS * sms and K // (split * 2) >= 512:
         split *= 2
