@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 
@@ -97,13 +98,15 @@ def test_knorm_keeps_the_lowest_key_norms():
 
 # ---- random ----
 
-def test_random_is_seeded_and_depends_only_on_position_and_head():
+def test_random_is_seeded_and_depends_only_on_position_layer_and_head():
     positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7], [0, 2, 3, 5, 8, 13, 21, 34]]).view(B, 1, N).expand(B, H, N)
     v = view(torch.randn(B, H, N, D), positions)
     a, b = get_policy("random", seed=0).score(v), get_policy("random", seed=0).score(v)
     assert torch.equal(a, b)
     assert not torch.equal(a, get_policy("random", seed=1).score(v))
     assert ((a >= 0) & (a < 1)).all() and not torch.equal(a[:, 0], a[:, 1])  # heads draw independently
+    deeper = dataclasses.replace(v, layer=1)
+    assert not torch.equal(get_policy("random", seed=0).score(deeper), a)  # and so do layers
     # A row scores the same alone as in any batch, whatever its keys and the other rows hold.
     row = CacheView(torch.randn(1, H, N, D), torch.zeros(1, H, N, D), positions[1:], {},
                     torch.full((1, 1, 1), 36), torch.ones(1, 1, N, dtype=torch.bool))
@@ -172,6 +175,24 @@ def test_padded_batch_rows_generate_what_they_generate_alone(family, policy):
         if policy == "streaming":  # the default 4 sinks fill M = 4: only the buffer holds recent tokens
             seen, count = n + new - 1, int(cache.count[b])
             assert (cache.kept_positions(0)[b, :, :count] == torch.tensor(streaming_expected(seen, count, 4))).all()
+
+
+def test_random_layers_keep_their_own_draws():
+    # One prompt pass of 30 tokens into M = 8, buffer 0: each layer keeps the 8 positions its own hash ranks
+    # highest among 0..29 (the t-dependent nothing: random ignores t), and the layers' draws differ.
+    model = trimkv.prepare(tiny_model("llama"))
+    ids, _ = left_padded([30])
+    cache = trimkv.make_cache("random", memory_size=8, buffer_size=0)
+    generate(model, ids, cache=cache, max_new_tokens=1)
+    policy = get_policy("random")
+    positions = torch.arange(30).expand(1, cache.layers[0].keys.shape[1], 30)
+    kept = []
+    for layer in range(len(cache.layers)):
+        scores = policy.score(CacheView(None, None, positions, {}, None, None, layer=layer))
+        expected = scores.topk(8, dim=-1).indices.sort(dim=-1).values
+        kept.append(cache.kept_positions(layer)[:, :, :8])
+        assert torch.equal(kept[-1], expected), f"layer {layer}"
+    assert not torch.equal(kept[0], kept[1])
 
 
 @pytest.mark.parametrize("policy", POLICIES)

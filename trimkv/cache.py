@@ -63,8 +63,9 @@ class SlotLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self):
+    def __init__(self, index: int):
         super().__init__()
+        self.index = index  # the decoder layer it caches, for policies that score per layer
         self.positions: torch.Tensor | None = None  # (B, H, S) long
         self.extras: dict[str, torch.Tensor] = {}  # name -> (B, H, S) float32
         self.queries: torch.Tensor | None = None  # (B, H_q, W, D) recent real queries, right-aligned
@@ -288,7 +289,7 @@ class BoundedCache(Cache):
                 "call trimkv.prepare(model) (or trimkv.attach_gates / trimkv.load_pretrained) first"
             )
         while len(self.layers) <= layer_idx:
-            self.layers.append(SlotLayer())
+            self.layers.append(SlotLayer(len(self.layers)))
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states, self._initial_slots(plan.width),
@@ -436,7 +437,7 @@ class BoundedCache(Cache):
         valid = torch.arange(positions.shape[-1], device=positions.device)[None, None, :] < plan.count_union[:, None, None]
         extras = {k: candidates[k] for k in self.policy.needs + self.policy.state}
         return CacheView(candidates["keys"], candidates["values"], positions, extras, plan.t, valid,
-                         self.memory_size, layer.queries, layer.query_positions, scaling)
+                         self.memory_size, layer.queries, layer.query_positions, scaling, layer.index)
 
     def _push_queries(self, layer: SlotLayer, queries: torch.Tensor, positions: torch.Tensor, plan: _Plan) -> None:
         """Keep each row's last W real queries, right-aligned: (B, H_q, W, D) and positions (B, W)."""

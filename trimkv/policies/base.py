@@ -24,6 +24,7 @@ class CacheView:
     queries:      (B, H_q, W, D) the layer's most recent real queries (W = policy.query_window), or None.
     query_positions: (B, W) their positions, -1 where a row has seen fewer than W queries.
     scaling:      the attention softmax scale of this layer.
+    layer:        the index of the decoder layer.
     """
 
     keys: torch.Tensor
@@ -36,6 +37,7 @@ class CacheView:
     queries: torch.Tensor | None = None
     query_positions: torch.Tensor | None = None
     scaling: float = 1.0
+    layer: int = 0
 
 
 class Policy:

@@ -1,18 +1,18 @@
 """Random eviction: the floor every learned or heuristic policy must beat.
 
 Each token gets an i.i.d. uniform score in [0, 1) and the top-M are kept. The score is a fixed
-function of (seed, KV head, original position), computed by an integer hash in torch:
+function of (seed, layer, KV head, original position), computed by an integer hash in torch:
 
-    score_i = hash32(seed, head, position_i) / 2^32        (24 significant bits, exact in float32)
+    score_i = hash32(seed, layer, head, position_i) / 2^32        (24 significant bits, exact in float32)
 
 so it needs no generator state and no Python loop, and it is batch-independent: a row of a padded
 batch keeps exactly what it keeps alone, since padding changes neither positions nor heads. Because
 a token's score never changes, keeping the top-M of all tokens seen is a uniformly random M-subset
 of them (priority sampling), plus the recent tokens that sit in the buffer between compressions.
 
-Known limits: the view carries no layer index, so every layer of a given head keeps the same
-positions; and the choice depends on positions, not content, so every sequence with a given seed
-sees the same pattern. Change `seed` for another draw.
+Every (layer, head) draws independently, as a per-layer random eviction would. Known limit: the
+choice depends on positions, not content, so every sequence with a given seed sees the same
+pattern. Change `seed` for another draw.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Random(Policy):
         device = positions.device
         H = positions.shape[1]
         x = _mix(torch.tensor(self.seed % 2**32, dtype=torch.long, device=device))
+        x = _mix(x ^ view.layer)
         x = _mix(x ^ torch.arange(H, device=device).view(1, H, 1))  # (1, H, 1)
         x = _mix(x ^ (positions & _MASK))  # (B, H, N)
         return (x >> 8).float() / 2**24
