@@ -231,6 +231,39 @@ def test_unsupported_model_and_missing_hooks_are_named():
         generate(model, left_padded([5])[0], cache=trimkv.make_cache("trimkv", memory_size=4))
 
 
+def test_flash_attention_model_runs_its_bounded_cache_passes_through_sdpa(monkeypatch):
+    # flash-attn cannot be built here: a stand-in under its name computes what it would for unpadded rows
+    # (causal, bottom-right aligned, GQA) and records its calls. Passes over a bounded cache must not reach it.
+    from transformers import AttentionInterface
+
+    calls = []
+
+    def flash_stand_in(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        calls.append(attention_mask)
+        q, k = query.shape[2], key.shape[2]
+        causal = torch.ones(q, k, dtype=torch.bool).tril(k - q)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=causal, scale=scaling,
+                                                               enable_gqa=True)
+        return out.transpose(1, 2), None
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_2", flash_stand_in)
+    ids, mask = left_padded([7, 12])
+    expected = generate(randomize_gates(trimkv.attach_gates(tiny_model("qwen3"))), ids, mask,
+                        trimkv.make_cache("trimkv", memory_size=5, buffer_size=2))
+    model = tiny_model("qwen3")
+    model.config._attn_implementation = "flash_attention_2"
+    randomize_gates(trimkv.attach_gates(model))
+    assert model.config._attn_implementation == "trimkv_flash_attention_2"
+    out = generate(model, ids, mask, trimkv.make_cache("trimkv", memory_size=5, buffer_size=2))
+    assert torch.equal(out, expected) and not calls
+    # Without a bounded cache every pass is flash-attn's, with its own (padding) mask.
+    row = ids[1:2]  # 12 tokens, no padding
+    assert torch.equal(generate(model, row), generate(tiny_model("qwen3"), row))
+    assert len(calls) == 24 * model.config.num_hidden_layers  # prompt + 23 decode steps, every layer
+    trimkv.unprepare(model)
+    assert model.config._attn_implementation == "flash_attention_2"
+
+
 def test_eager_attention_gives_the_same_tokens_as_sdpa():
     ids, mask = left_padded([7, 12])
     outs = []

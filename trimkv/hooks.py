@@ -11,7 +11,10 @@
 - the attention function itself: `prepare` switches `sdpa` / `eager` to `trimkv_sdpa` /
   `trimkv_eager`, the same functions with the same masks, which also show the layer's queries to the
   cache (attention-based policies score with them) and let it narrow the mask for a policy that reads
-  only part of the cache (seerattn_r). Without a bounded cache they change nothing.
+  only part of the cache (seerattn_r). Without a bounded cache they change nothing. A flash-attn
+  implementation (`flash_attention_2`, ...) becomes `trimkv_<name>`: flash-attn reads a padding mask
+  and cannot describe the cache's compacted slots, so the passes over a bounded cache run `trimkv_sdpa`
+  and every other pass runs flash-attn as before.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from trimkv.attention import LOG_BETA_KWARG, RETENTION_IMPLEMENTATIONS
 from trimkv.cache import BoundedCache
@@ -82,18 +86,38 @@ def sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling
     return out.reshape(B, 1, Hq, out.shape[-1]), None  # (B, q, Hq, D) as transformers returns it
 
 
-AttentionInterface.register("trimkv_sdpa", _observed(lambda module: sdpa_forward))
+_observed_sdpa = _observed(lambda module: sdpa_forward)
+AttentionInterface.register("trimkv_sdpa", _observed_sdpa)
 AttentionInterface.register("trimkv_eager", _observed(_model_eager))
 AttentionMaskInterface.register("trimkv_sdpa", sdpa_mask)
 AttentionMaskInterface.register("trimkv_eager", eager_mask)
+
+
+def _twin(impl: str) -> str | None:
+    """The implementation `prepare` switches `impl` to (registering a flash-attn twin on first use), or None."""
+    if impl in OBSERVED:
+        return OBSERVED[impl]
+    if "flash" not in impl or impl not in ALL_ATTENTION_FUNCTIONS:
+        return None
+    twin = f"trimkv_{impl}"
+    if twin not in MASK_FORMATS:
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            if getattr(module, _CACHE_ATTR, None) is not None:
+                return _observed_sdpa(module, query, key, value, attention_mask, **kwargs)
+            return ALL_ATTENTION_FUNCTIONS[impl](module, query, key, value, attention_mask, **kwargs)
+
+        AttentionInterface.register(twin, attention)
+        AttentionMaskInterface.register(twin, ALL_MASK_ATTENTION_FUNCTIONS[impl])  # its padding mask, off the cache
+        MASK_FORMATS[twin] = "bool"  # what the cache builds for trimkv_sdpa
+    return twin
 
 
 def _mask_format(config) -> str:
     impl = config._attn_implementation
     if impl not in MASK_FORMATS:
         raise ValueError(
-            f"the bounded cache supports attn_implementation 'sdpa' or 'eager', got {impl!r}; "
-            "load the model with attn_implementation='sdpa' and call trimkv.prepare(model)"
+            f"the bounded cache supports attn_implementation 'sdpa', 'eager' or flash-attn's, got {impl!r}; "
+            "load the model with one of them and call trimkv.prepare(model)"
         )
     return MASK_FORMATS[impl]
 
@@ -178,15 +202,17 @@ def _attention_post_hook(module: nn.Module, args, kwargs, output):
 def prepare(model: nn.Module) -> nn.Module:
     """Install trimkv's hooks on `model` (idempotent) so it can drive a `BoundedCache`; returns the model.
 
-    Switches `attn_implementation` sdpa/eager to its observed twin (same outputs). `attach_gates` and
-    `load_pretrained` call this; call it yourself to run a baseline policy on a model without gates.
+    Switches `attn_implementation` sdpa/eager to its observed twin (same outputs), and flash-attn's to a twin
+    that runs the passes over a bounded cache through SDPA. `attach_gates` and `load_pretrained` call this;
+    call it yourself to run a baseline policy on a model without gates.
     """
     layers = decoder_layers(model)
     if getattr(model, _HOOKED, None):
         return model
     impl = model.config._attn_implementation
-    if impl in OBSERVED:
-        model.config._attn_implementation = OBSERVED[impl]
+    twin = _twin(impl)
+    if twin is not None:
+        model.config._attn_implementation = twin
     handles = [
         model.model.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True),
         model.model.register_forward_hook(_decoder_post_hook, with_kwargs=True, always_call=True),
@@ -194,7 +220,7 @@ def prepare(model: nn.Module) -> nn.Module:
     for layer in layers:
         handles.append(layer.self_attn.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True))
         handles.append(layer.self_attn.register_forward_hook(_attention_post_hook, with_kwargs=True))
-    setattr(model, _HOOKED, (handles, impl))
+    setattr(model, _HOOKED, (handles, impl, twin))
     return model
 
 
@@ -202,10 +228,10 @@ def unprepare(model: nn.Module) -> nn.Module:
     """Remove the hooks `prepare` installed and restore the attention implementation."""
     hooked = getattr(model, _HOOKED, None)
     if hooked:
-        handles, impl = hooked
+        handles, impl, twin = hooked
         for handle in handles:
             handle.remove()
-        if model.config._attn_implementation in OBSERVED.values():
+        if twin is not None and model.config._attn_implementation == twin:
             model.config._attn_implementation = impl
     setattr(model, _HOOKED, None)
     return model
