@@ -97,7 +97,7 @@ def _twin(impl: str) -> str | None:
     """The implementation `prepare` switches `impl` to (registering a flash-attn twin on first use), or None."""
     if impl in OBSERVED:
         return OBSERVED[impl]
-    if "flash" not in impl or impl not in ALL_ATTENTION_FUNCTIONS:
+    if not impl or "flash" not in impl or impl not in ALL_ATTENTION_FUNCTIONS:
         return None
     twin = f"trimkv_{impl}"
     if twin not in MASK_FORMATS:
