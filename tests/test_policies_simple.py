@@ -179,7 +179,7 @@ def test_padded_batch_rows_generate_what_they_generate_alone(family, policy):
 
 def test_random_layers_keep_their_own_draws():
     # One prompt pass of 30 tokens into M = 8, buffer 0: each layer keeps the 8 positions its own hash ranks
-    # highest among 0..29 (the t-dependent nothing: random ignores t), and the layers' draws differ.
+    # highest among 0..29 (random's score ignores t and the keys), and the layers' draws differ.
     model = trimkv.prepare(tiny_model("llama"))
     ids, _ = left_padded([30])
     cache = trimkv.make_cache("random", memory_size=8, buffer_size=0)
