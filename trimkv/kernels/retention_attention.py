@@ -15,8 +15,8 @@ Layout of the work (the FlashAttention-2 recipe, with the per-key slope added to
   backward   `_bwd_preprocess` delta_t = dO_t . O_t; `_bwd_dkdv` one program per (key block, batch x KV head)
              loops over the G query heads of its KV head and the query blocks at or after it, accumulating dK, dV
              and d log_beta_i = sum_t dL/ds_ti (pos_t - i) without atomics; `_bwd_dq` one program per query block
-             streams key blocks for dQ. With TRIMKV_ATOMIC_DQ=1 the dK/dV kernel instead adds each key block's
-             share of dQ into an fp32 accumulator by atomics (FlashAttention-2's way) and `_bwd_dq` does not run.
+             streams key blocks for dQ. (dQ by atomic adds in the dK/dV kernel, FlashAttention-2's way, saves two
+             products but measured no faster on an H100: docs/benchmarks.md.)
 Causality splits every key (query) loop in two: blocks entirely on or below the diagonal, with no mask, and the
 blocks that cross it, masked. A bool attention mask is read tile by tile (like FlexAttention's mask_mod); a
 fully masked row gets log-sum-exp +inf so its probabilities, output and gradients are exactly zero. A float
@@ -35,9 +35,6 @@ from torch import Tensor
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
-# TRIMKV_ATOMIC_DQ=1: dQ by atomic adds in the dK/dV kernel (5 products instead of 7); off until measured on the
-# H200 against the separate dQ kernel (issue 9)
-ATOMIC_DQ = os.environ.get("TRIMKV_ATOMIC_DQ") == "1"
 
 
 def _configs(options: list[tuple[int, int, int, int]]) -> list[triton.Config]:
@@ -186,10 +183,10 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_db, st
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, dlb, k, v, lb, q_ptrs, do_ptrs, lse_ptr, delta_ptr, mask_ptrs, dq_ptrs, offs_m, offs_n,
-               offs_d, stride_qt, stride_dot, stride_mt, qk_scale, sm_scale, offset, T, S, lo, hi,
-               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+def _dkdv_tile(dk, dv, dlb, k, v, lb, q_ptrs, do_ptrs, lse_ptr, delta_ptr, mask_ptrs, offs_m, offs_n, offs_d,
+               stride_qt, stride_dot, stride_mt, qk_scale, offset, T, S, lo, hi,
+               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+               PRECISION: tl.constexpr):
     d_ok = offs_d < D
     col_ok = offs_n < S
     for start_m in range(lo, hi, BLOCK_M):
@@ -217,21 +214,18 @@ def _dkdv_tile(dk, dv, dlb, k, v, lb, q_ptrs, do_ptrs, lse_ptr, delta_ptr, mask_
         dsT = pT * (dpT - delta[None, :])  # d loss / d logit
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
         dlb += tl.sum(dsT * distT, 1)
-        if ATOMIC_DQ:  # this key block's share of dQ, added into the fp32 accumulator of the rows
-            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PRECISION) * sm_scale  # (M, D)
-            tl.atomic_add(dq_ptrs + start_m * BLOCK_D, dq, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv, dlb
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=TUNING_KEY, reset_to_zero=["DQ"])
+@triton.autotune(configs=DKDV_CONFIGS, key=TUNING_KEY)
 @triton.jit
-def _bwd_dkdv(Q, K, V, LB, MASK, DO, LSE, DELTA, DK, DV, DLB, DQ,
+def _bwd_dkdv(Q, K, V, LB, MASK, DO, LSE, DELTA, DK, DV, DLB,
               stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
               stride_dob, stride_doh, stride_dot, stride_mb, stride_mh, stride_mt, stride_ms,
               stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
               sm_scale, qk_scale, T, S, LEN_KEY,
               HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_KIND: tl.constexpr,
-              PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     HKV: tl.constexpr = HQ // G
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -264,14 +258,12 @@ def _bwd_dkdv(Q, K, V, LB, MASK, DO, LSE, DELTA, DK, DV, DLB, DQ,
         lse_ptr = LSE + (b64 * HQ + h) * T
         delta_ptr = DELTA + (b64 * HQ + h) * T
         mask_ptrs = MASK + b64 * stride_mb + h * stride_mh + offs_n[:, None] * stride_ms  # + row offsets per tile
-        # the fp32 dQ accumulator, (B, Hq, T, BLOCK_D)
-        dq_ptrs = DQ + (b64 * HQ + h) * T * BLOCK_D + offs_m[:, None] * BLOCK_D + offs_d[None, :]
-        dk, dv, dlb = _dkdv_tile(dk, dv, dlb, k, v, lb, q_ptrs, do_ptrs, lse_ptr, delta_ptr, mask_ptrs, dq_ptrs,
-                                 offs_m, offs_n, offs_d, stride_qt, stride_dot, stride_mt, qk_scale, sm_scale, offset,
-                                 T, S, lo, full, True, MASK_KIND, D, BLOCK_D, BLOCK_M, PRECISION, ATOMIC_DQ)
-        dk, dv, dlb = _dkdv_tile(dk, dv, dlb, k, v, lb, q_ptrs, do_ptrs, lse_ptr, delta_ptr, mask_ptrs, dq_ptrs,
-                                 offs_m, offs_n, offs_d, stride_qt, stride_dot, stride_mt, qk_scale, sm_scale, offset,
-                                 T, S, full, T, False, MASK_KIND, D, BLOCK_D, BLOCK_M, PRECISION, ATOMIC_DQ)
+        dk, dv, dlb = _dkdv_tile(dk, dv, dlb, k, v, lb, q_ptrs, do_ptrs, lse_ptr, delta_ptr, mask_ptrs, offs_m,
+                                 offs_n, offs_d, stride_qt, stride_dot, stride_mt, qk_scale, offset, T, S, lo, full,
+                                 True, MASK_KIND, D, BLOCK_M, PRECISION)
+        dk, dv, dlb = _dkdv_tile(dk, dv, dlb, k, v, lb, q_ptrs, do_ptrs, lse_ptr, delta_ptr, mask_ptrs, offs_m,
+                                 offs_n, offs_d, stride_qt, stride_dot, stride_mt, qk_scale, offset, T, S, full, T,
+                                 False, MASK_KIND, D, BLOCK_M, PRECISION)
     tl.store(DK + b64 * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + b64 * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
@@ -416,22 +408,15 @@ class RetentionAttention(torch.autograd.Function):
         _bwd_preprocess[(triton.cdiv(T, rows), B * Hq)](
             out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
             dout.stride(2), T, HQ=Hq, D=D, BLOCK_D=block_d, BLOCK_M=rows)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dlb = torch.empty_like(lb)
-        # ATOMIC_DQ: the dK/dV kernel also adds each key block's share of dQ into an fp32 accumulator (padded to
-        # BLOCK_D), the FlashAttention-2 recipe; otherwise a dQ kernel of its own recomputes the probabilities
-        dq_acc = (torch.zeros(B, Hq, T, block_d, device=q.device, dtype=torch.float32) if ATOMIC_DQ
-                  else torch.empty(1, device=q.device, dtype=torch.float32))  # unread: nothing to allocate or zero
         common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2), *ms)
         consts = {"HQ": Hq, "G": G, "D": D, "BLOCK_D": block_d, "MASK_KIND": kind, "PRECISION": precision}
         _bwd_dkdv[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
-            q, k, v, lb, mask_t, dout, lse, delta, dk, dv, dlb, dq_acc, *common,
+            q, k, v, lb, mask_t, dout, lse, delta, dk, dv, dlb, *common,
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            scaling, scaling * LOG2E, T, S, len_key, ATOMIC_DQ=ATOMIC_DQ, **consts)
-        if ATOMIC_DQ:
-            return dq_acc[..., :D].to(q.dtype), dk, dv, dlb.to(ctx.lb_dtype), None, None
-        dq = torch.empty_like(q)
+            scaling, scaling * LOG2E, T, S, len_key, **consts)
         _bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * Hq)](
             q, k, v, lb, mask_t, dout, lse, delta, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2),
             scaling, scaling * LOG2E, T, S, len_key, **consts)
