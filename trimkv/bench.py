@@ -1,5 +1,5 @@
 """`python -m trimkv bench ...`: speed measurements that print ratios against a baseline timed in the
-same run. Numbers measured on the H200 are recorded in docs/benchmarks.md with the command used.
+same run. Numbers measured on the GPU machine are recorded in docs/benchmarks.md with the command used.
 
 bench attention: retention-gated attention fwd+bwd (flex, our Triton kernel, and the plain reference where
 it fits in memory) against SDPA's flash backend (FlashAttention-2) without the retention bias (its default

@@ -201,7 +201,7 @@ def add_parser(sub) -> None:
     d.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="qwen3-4b")
     d.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the decode step before capturing it (default: on)")
-    d.add_argument("--decode-linear", action=argparse.BooleanOptionalAction, default=False,
-                   help="the step's linear layers run trimkv.kernels.decode_linear instead of cuBLAS (default: off)")
+    d.add_argument("--decode-linear", action=argparse.BooleanOptionalAction, default=True,
+                   help="the step's linear layers run trimkv.kernels.decode_linear instead of cuBLAS (default: on)")
     d.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     d.set_defaults(func=decode)

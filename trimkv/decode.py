@@ -50,14 +50,14 @@ class StaticDecoder:
     graph=True captures the step (and compression) as CUDA graphs after `warmup` eager steps.
     compile=True first compiles the step with `torch.compile` (hooks and cache included, one graph): the
     ~70 small kernels of a layer's norms, rotary embedding, gate and cache update fuse into a few, which is
-    what a captured step of a small-batch decode spends most of its time on. decode_linear=True (with
-    graph=True on a GPU): the step's linear layers (fp16/bf16, at most 16 rows) run
-    `trimkv.kernels.decode_linear` instead of cuBLAS; off by default until it is measured on the H200
-    (`bench decode --decode-linear`; issue 9).
+    what a captured step of a small-batch decode spends most of its time on. decode_linear (with graph=True on
+    a GPU): the step's linear layers (fp16/bf16, at most 16 rows) run `trimkv.kernels.decode_linear` instead
+    of cuBLAS, which reads the weights at about half the copy bandwidth at so few rows (docs/benchmarks.md:
+    3.5% more tokens/s at 32K x 4 on an H100, 0.4% at 16K x 8).
     """
 
     def __init__(self, model: nn.Module, cache: BoundedCache, max_new_tokens: int, graph: bool = False,
-                 warmup: int = 2, compile: bool = False, decode_linear: bool = False):
+                 warmup: int = 2, compile: bool = False, decode_linear: bool = True):
         self.model, self.cache, self.graph, self.warmup = model, cache, graph, warmup
         self.max_new_tokens = max_new_tokens
         self._run = torch.compile(self._forward) if compile else self._forward

@@ -6,7 +6,7 @@ torch bring).
     decode_attention      a decode step's attention over the bounded cache's slots, split over the slots
                           (`trimkv.hooks.sdpa_forward` on a GPU)
     decode_linear         a decode step's linear layers (at most 16 rows), split over the inner dimension
-                          (`trimkv.decode.StaticDecoder(decode_linear=True)`)
+                          (`trimkv.decode.StaticDecoder`, on by default)
 
 Importing this package needs nothing; importing its modules needs triton. `available()` says whether the kernels
 can run here: triton importable and a CUDA device (or Triton's CPU interpreter, TRITON_INTERPRET=1, for tests).
