@@ -51,7 +51,7 @@ def test_zero_log_beta_is_causal_sdpa():
     q, k, v, _ = make_inputs(7, 7)
     out = retention_attention_reference(q, k, v, torch.zeros(B, HKV, 7))
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
-    rep = lambda x: x.repeat_interleave(HQ // HKV, dim=1)  # noqa: E731
+    rep = lambda x: x.repeat_interleave(HQ // HKV, dim=1)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, rep(k), rep(v), is_causal=True))
 
 
@@ -75,7 +75,7 @@ def test_reference_gradcheck_log_beta():
     log_beta.requires_grad_(True)
     pad = torch.ones(B, 1, 4, 5, dtype=torch.bool)
     pad[0, ..., :3] = False  # includes fully masked rows: their gradient must be 0, not NaN
-    f = lambda lb: retention_attention_reference(q, k, v, lb, attention_mask=pad)  # noqa: E731
+    f = lambda lb: retention_attention_reference(q, k, v, lb, attention_mask=pad)
     assert torch.autograd.gradcheck(f, (log_beta,))
 
 

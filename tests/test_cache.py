@@ -110,7 +110,7 @@ def brute_force_kept(log_betas, chunk_lengths, memory_size, buffer_size, sink=0,
         t = seen + 1
         for h in range(H):
             if len(kept[h]) >= memory_size + buffer_size:
-                def score(i, h=h):
+                def score(i, h=h, seen=seen, t=t):
                     if i < sink or i >= seen - window:
                         return float("inf")
                     return (t - i) * kept[h][i]

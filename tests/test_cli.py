@@ -56,8 +56,8 @@ def test_bad_input_gives_one_line_errors(checkpoint, capsys):
 
 
 def test_help_describes_every_option():
-    out = subprocess.run([sys.executable, "-m", "trimkv", "generate", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0
+    out = subprocess.run([sys.executable, "-m", "trimkv", "generate", "--help"], capture_output=True, text=True,
+                         check=True)
     for option in ("--model", "--policy", "--memory-size", "--buffer-size", "--prompt", "--sink", "--window"):
         assert option in out.stdout
 

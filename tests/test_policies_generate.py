@@ -64,7 +64,7 @@ def test_padded_batch_rows_equal_rows_alone(models, policy):
     model = models["llama"]
     ids, mask = left_padded(LENGTHS)
     T = ids.shape[1]
-    make = lambda: trimkv.make_cache(policy, memory_size=5, buffer_size=2, prefill_chunk=6)  # noqa: E731
+    make = lambda: trimkv.make_cache(policy, memory_size=5, buffer_size=2, prefill_chunk=6)
     batch = generate(model, ids, mask, make())
     for b, n in enumerate(LENGTHS):
         alone = generate(model, ids[b:b + 1, T - n:], cache=make())

@@ -12,8 +12,8 @@ from test_cache import randomize_gates
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trimkv
-from trimkv.compat import generate_cache_kwarg
 from trimkv.cli import main as trimkv_main
+from trimkv.compat import generate_cache_kwarg
 
 
 def main(argv):

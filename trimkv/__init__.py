@@ -1,6 +1,6 @@
 """trimkv: learned token retention (TRIM-KV) and a memory-bounded KV cache for Hugging Face decoder LMs."""
 
-from trimkv import attention  # registers the trimkv_* attention implementations with transformers
+from trimkv import attention  # noqa: F401 (registers the trimkv_* attention implementations with transformers)
 from trimkv.cache import BoundedCache, make_cache
 from trimkv.checkpoint import load_gates, load_pretrained, save_gates
 from trimkv.gates import GateConfig, RetentionGate, attach_gates

@@ -441,7 +441,7 @@ class BoundedCache(Cache):
 
     def _push_queries(self, layer: SlotLayer, queries: torch.Tensor, positions: torch.Tensor, plan: _Plan) -> None:
         """Keep each row's last W real queries, right-aligned: (B, H_q, W, D) and positions (B, W)."""
-        B, Hq, q, D = queries.shape
+        B, Hq, _, D = queries.shape
         W = self.policy.query_window
         if layer.queries is None:
             layer.queries = queries.new_zeros(B, Hq, W, D)
@@ -459,7 +459,7 @@ class BoundedCache(Cache):
         M, S = self.memory_size, layer.slots
         view = self._view(candidates, plan, scaling, layer)
         positions, valid = view.positions, view.valid
-        B, H, N = positions.shape
+        B, H, _ = positions.shape
         scores = self.policy.score(view).float().masked_fill(~valid, -math.inf)
         forced = positions < self.sink
         if self.window:

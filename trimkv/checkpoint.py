@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -319,7 +320,7 @@ def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[i
     for problem, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise ValueError(f"trimkv: {file}: {problem} key {sorted(keys, key=str)[0]!r}{more}")
+            raise ValueError(f"trimkv: {file}: {problem} key {min(keys, key=str)!r}{more}")
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != tuple(shape):
             raise ValueError(f"trimkv: {file}: wrong shape for {key!r}: expected {tuple(shape)}, "
@@ -329,7 +330,7 @@ def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[i
 def _read_tensors(file: Path, reader: Callable[[str], Any]) -> dict[str, torch.Tensor]:
     try:
         tensors = reader(str(file))
-    except Exception as e:  # truncated, garbage, missing: all mean the same to the user
+    except Exception as e:  # noqa: BLE001 (truncated, garbage, missing: all mean the same to the user)
         raise ValueError(f"trimkv: cannot read {file}: {type(e).__name__}: {_one_line(e)}") from None
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise ValueError(f"trimkv: cannot read {file}: expected a dict of tensors, found {type(tensors).__name__}")
@@ -342,7 +343,8 @@ def _read_json(file: Path) -> dict:
     except (OSError, ValueError) as e:
         raise ValueError(f"trimkv: cannot read {file}: {type(e).__name__}: {_one_line(e)}") from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"trimkv: cannot read {file}: expected a JSON object, found {type(cfg).__name__}")
+        raise ValueError(  # noqa: TRY004 (a bad file, not a bad argument)
+            f"trimkv: cannot read {file}: expected a JSON object, found {type(cfg).__name__}")
     return cfg
 
 

@@ -159,7 +159,8 @@ def _decoder_pre_hook(module: nn.Module, args, kwargs):
         kwargs, q_len = _slice_kwargs(kwargs, last, q_len, q_len), q_len - last
     mask = kwargs.get("attention_mask")
     if isinstance(mask, dict):
-        raise ValueError("BoundedCache cannot use masks prepared by generate for a compiled cache")
+        raise ValueError(  # noqa: TRY004 (the caller's setup, not an argument's type)
+            "BoundedCache cannot use masks prepared by generate for a compiled cache")
     device = (tokens if tokens is not None else embeds).device
     kwargs["attention_mask"] = cache.begin_forward(mask, batch, q_len, device, _mask_format(module.config),
                                                    module.dtype)
@@ -170,7 +171,6 @@ def _decoder_post_hook(module: nn.Module, args, kwargs, output):
     cache = cache_from_kwargs(kwargs)
     if isinstance(cache, BoundedCache):
         cache.end_forward()
-    return None
 
 
 def _attention_pre_hook(module: nn.Module, args, kwargs):
@@ -196,7 +196,6 @@ def _attention_post_hook(module: nn.Module, args, kwargs, output):
     if cache is not None:
         setattr(module, _CACHE_ATTR, None)
         cache.after_attention(module.layer_idx)
-    return None
 
 
 def prepare(model: nn.Module) -> nn.Module:

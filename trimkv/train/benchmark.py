@@ -24,8 +24,8 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype, gradient_checkp
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     import trimkv
-    from trimkv.gates import decoder_layers, gate_parameters, gates
     from trimkv.compat import enable_gradient_checkpointing
+    from trimkv.gates import decoder_layers, gate_parameters, gates
 
     with device:
         model = AutoModelForCausalLM.from_config(Qwen3Config(**shape), attn_implementation="sdpa", dtype=dtype)
@@ -95,10 +95,10 @@ def breakdown(T: int, shape: dict, memory_size: int) -> dict:
     ids = torch.randint(0, shape["vocab_size"], (1, T), device=device)
     times = {}
 
-    def timed(name, fn):
+    def timed(name, fn, *args):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        result = fn()
+        result = fn(*args)
         torch.cuda.synchronize()
         times[name] = round(time.perf_counter() - t0, 4)
         return result
@@ -109,12 +109,12 @@ def breakdown(T: int, shape: dict, memory_size: int) -> dict:
                 th = timed("teacher_forward", lambda: model.model(input_ids=ids, use_cache=False).last_hidden_state)
             with attention_implementation(model, "trimkv_flex"), GateRecorder(model) as rec:
                 sh = timed("student_forward", lambda: model.model(input_ids=ids, use_cache=False).last_hidden_state)
-            kl, ntp = timed("kl_ntp", lambda: distillation_losses(sh, th, ids, model.get_output_embeddings()))
-            cap = timed("capacity_forward", lambda: capacity_loss(rec.log_betas, memory_size))
+            kl, ntp = timed("kl_ntp", distillation_losses, sh, th, ids, model.get_output_embeddings())
+            cap = timed("capacity_forward", capacity_loss, rec.log_betas, memory_size)
         with attention_implementation(model, "trimkv_flex"):
-            timed("backward", lambda: (kl + ntp + cap).backward())
+            timed("backward", (kl + ntp + cap).backward)
         lb = [x.detach().clone().requires_grad_(True) for x in rec.log_betas]
-        timed("capacity_alone_fwd_bwd", lambda: capacity_loss(lb, memory_size).backward())
+        timed("capacity_alone_fwd_bwd", lambda: capacity_loss(lb, memory_size).backward())  # noqa: B023 (run now)
         model.zero_grad(set_to_none=True)
     record = {"length": T, "breakdown_s": times}
     print(json.dumps(record), flush=True)

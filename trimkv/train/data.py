@@ -97,7 +97,7 @@ class _File:
 
             try:
                 names = pq.read_schema(path).names
-            except Exception as e:  # not parquet, truncated, ...
+            except Exception as e:  # noqa: BLE001 (not parquet, truncated, ...)
                 raise ValueError(f"cannot read {path}: {type(e).__name__}: {e}") from None
             self.schema = detect_schema(names, path)
             wanted = [c for c in self.schema.columns + self.schema.optional if c in names]

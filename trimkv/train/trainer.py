@@ -55,7 +55,8 @@ class TrainConfig:
     """Every option of `python -m trimkv train`; the defaults are the paper's unless said otherwise."""
 
     model: str = option(help="base model: a Hugging Face model directory or Hub id")
-    data: list[str] = option(help="training data files (.parquet, .jsonl, .json); see trimkv.train.data", nargs="+")
+    data: list[str] = option(  # noqa: RUF009 (a dataclasses.field: required, no shared default)
+        help="training data files (.parquet, .jsonl, .json); see trimkv.train.data", nargs="+")
     out: str = option(help="output directory (gates, metrics.json, params.json, train.log, checkpoints/)")
     memory_size: int = option(help="KV budget M per layer and KV head that the capacity loss targets", type=int)
     max_steps: int = option(help="optimizer steps", type=int)
