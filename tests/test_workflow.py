@@ -76,6 +76,32 @@ def test_paper_preset_covers_every_model_benchmark_policy_and_budget():
     assert "synthetic_base" not in counts  # the paper preset does not merge the offline one
 
 
+def test_slurm_profile_takes_gpus_and_runtimes_from_the_config(tmp_path):
+    """On the cluster a model trained on several GPUs gets them (torchrun, one process per GPU) and the time
+    the config gives it; the profile sets no gpu or runtime that would override the config's."""
+    profile = tmp_path / "slurm"
+    profile.mkdir()
+    text = (ROOT / "profiles/slurm/config.yaml").read_text()  # conda is not installed here: no envs
+    (profile / "config.yaml").write_text(text.replace("software-deployment-method: conda", ""))
+    run = snakemake("results/gates/qwen3-14b/seeds/0/metrics.json", "results/gates/qwen3-4b/seeds/0/metrics.json",
+                    "results/eval/qwen3-4b/gsm8k/snapkv/128/metrics.json", "--forceall", "-n", "-p",
+                    "--profile", str(profile), "--configfile", "config/paper.yaml")
+    assert run.returncode == 0, run.stderr
+    jobs = re.findall(r"resources: ([^\n]*)\nShell command: ([^\n]*)", run.stdout)  # (resources, command)
+    config = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
+    big, small = config["models"]["qwen3-14b"]["gates"], config["models"]["qwen3-4b"]["gates"]
+    assert big["gpus"] == 2 and small["gpus"] == 1
+    (big_res, big_cmd), = [(r, c) for r, c in jobs if "--out results/gates/qwen3-14b/" in c]
+    (small_res, small_cmd), = [(r, c) for r, c in jobs if "--out results/gates/qwen3-4b/" in c]
+    (eval_res, _), = [(r, c) for r, c in jobs if "trimkv eval" in c]
+    assert big_cmd.startswith("torchrun --standalone --nproc-per-node 2 -m trimkv train ")
+    assert small_cmd.startswith("python -m trimkv train ")
+    assert f"runtime={big['runtime']}," in big_res and "gpu=2," in big_res
+    assert f"runtime={small['runtime']}," in small_res and "gpu=1," in small_res
+    assert f"runtime={config['benchmarks']['gsm8k']['runtime']}," in eval_res
+    assert f"gpu={config['eval_gpus']}," in eval_res
+
+
 def test_lint_and_format_are_clean():
     lint = snakemake("--lint")
     assert lint.returncode == 0 and "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr

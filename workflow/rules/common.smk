@@ -143,6 +143,13 @@ def validation_scores(model: str, section: str) -> list[str]:
     )
 
 
+def train_launcher(wildcards) -> str:
+    """`python`, or torchrun with one process per GPU when models.<model>.<section>.gpus > 1 (the trainer then
+    runs DDP, or DeepSpeed when its options name a config)."""
+    gpus = MODELS[wildcards.model][wildcards.section].get("gpus", 0)
+    return f"torchrun --standalone --nproc-per-node {gpus}" if gpus > 1 else "python"
+
+
 def train_options(model: str, section: str) -> dict:
     """The trainer flags of a section; the seed comes from the run's {seed} wildcard."""
     options = dict(MODELS[model][section].get("options") or {})

@@ -25,13 +25,14 @@ rule train:
         gpu=lambda wc: MODELS[wc.model][wc.section].get("gpus", 0),
         runtime=lambda wc: MODELS[wc.model][wc.section].get("runtime", 60),
     params:
+        launcher=train_launcher,
         method=lambda wc: LEARNED_SECTIONS[wc.section],
         base=lambda wc: base_model(wc.model),
         data=train_data_files,
         spec=lambda wc: MODELS[wc.model][wc.section],
         options=lambda wc: cli_options(train_options(wc.model, wc.section)),
     shell:
-        "python -m trimkv train --method {params.method} --model {params.base} --data {params.data}"
+        "{params.launcher} -m trimkv train --method {params.method} --model {params.base} --data {params.data}"
         " --out results/{wildcards.section}/{wildcards.model}/seeds/{wildcards.seed} --seed {wildcards.seed}"
         " --memory-size {params.spec[memory_size]} --max-length {params.spec[max_length]}"
         " --max-steps {params.spec[max_steps]} {params.options} 2> {log}"
