@@ -1,6 +1,11 @@
 # trimkv: the TRIM-KV paper end to end. `snakemake` runs the offline preset (config/config.yaml);
 # `snakemake --configfile config/paper.yaml --profile profiles/slurm` runs the paper on a GPU cluster.
 
+import os
+
+# the conda envs install trimkv from this checkout (envs/*.yaml: -e ${TRIMKV_ROOT})
+os.environ["TRIMKV_ROOT"] = workflow.basedir
+
 
 if not config:  # --configfile replaces the default preset instead of merging into it
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -171,3 +172,23 @@ def test_every_env_pins_exact_versions_consistent_with_pyproject():
         core = [r.name.lower().replace("_", "-") for r in requirements[: len(project["dependencies"])]]
         missing = [n for n in core if n not in pins]
         assert not missing, f"{env_file.name} lacks core dependencies {missing}"
+
+
+def test_every_env_installs_this_checkout_from_where_conda_runs_pip(tmp_path):
+    """Snakemake copies an env file to .snakemake/conda/<hash>.yaml and conda runs pip beside that copy, with the
+    file's pip entries as a requirements file: trimkv's entry must still name this checkout from there."""
+    assert 'os.environ["TRIMKV_ROOT"] = workflow.basedir' in (ROOT / "Snakefile").read_text()
+    beside = tmp_path / ".snakemake" / "conda"
+    beside.mkdir(parents=True)
+    for env_file in sorted((ROOT / "envs").glob("*.yaml")):
+        pip = next(d["pip"] for d in yaml.safe_load(env_file.read_text())["dependencies"] if isinstance(d, dict))
+        local = [item for item in pip if item.startswith("-e ")]
+        assert len(local) == 1, env_file.name
+        (beside / "condaenv.requirements.txt").write_text(local[0] + "\n")
+        install = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index",
+                                  "--no-build-isolation", "-r", "condaenv.requirements.txt"], cwd=beside,
+                                 env={**os.environ, "TRIMKV_ROOT": str(ROOT)}, capture_output=True, text=True,
+                                 check=False)
+        assert install.returncode == 0 and "Would install trimkv-" in install.stdout, (env_file.name,
+                                                                                       install.stderr[-2000:])
+
