@@ -1,6 +1,6 @@
 # The two commands of the README. Both set up everything on a fresh machine (Python 3.11, pip, make).
 #   make run    the main job: the offline preset of the Snakemake workflow, end to end (CPU, no network)
-#   make test   the test suite, on the newest and the oldest supported transformers
+#   make test   the test suite on the newest transformers; its core (cache, attention, checkpoints, generate, decode) on the oldest
 PYTHON ?= python3.11
 VENV ?= .venv
 TORCH ?= torch==2.13.0
