@@ -191,3 +191,28 @@ def test_commands_plug_into_one_parser():
         with pytest.raises(SystemExit) as exit_:
             parser.parse_args(argv)
         assert exit_.value.code == 0
+
+
+def test_bench_decode_output_fills_the_throughput_and_memory_tables(tmp_path):
+    """What `bench decode --out` writes (its own row builder and writer), read back by the report: each row lands in
+    its (model, policy, budget) x (context, batch) cell, with the device and the peak memory."""
+    from trimkv.bench_decode import measurement, write_results
+    from trimkv.report.collect import load_bench
+    from trimkv.report.tables import bench_tables
+
+    rows = [measurement("trimkv", 32768, 4, 1024, 1024, 128, 1152, prefill_ms=5354.9, decode_ms=5523.1,
+                        bound_ms=2.93, dynamic_ms=59.7, compress_ms=5.71, compressions=8, peak_bytes=3 * 2**30),
+            measurement("full", 32768, 4, 1024, None, 128, 33920, prefill_ms=5000.0, decode_ms=8970.0,
+                        bound_ms=6.77, dynamic_ms=48.6, compress_ms=None, compressions=0, peak_bytes=5 * 2**30)]
+    for row in rows:
+        row.update(model="qwen3-4b", device="NVIDIA H100 80GB HBM3")
+    write_results(tmp_path / "bench" / "qwen3-4b" / "metrics.json", rows, gpu="NVIDIA H100 80GB HBM3")
+    bench = load_bench(tmp_path / "bench")
+    assert [(b.model, b.policy, b.budget, b.context, b.batch) for b in bench] == [
+        ("qwen3-4b", "trimkv", 1024, 32768, 4), ("qwen3-4b", "full", None, 32768, 4)]
+    assert bench[0].tokens_per_s == pytest.approx(4 * 1024 / 5.5231)
+    throughput, memory = bench_tables(bench)
+    assert "NVIDIA H100 80GB HBM3" in throughput.caption and "1024 new tokens" in throughput.notes[0]
+    cells = {labels[1]: cells[0] for labels, cells in throughput.rows}
+    assert cells["trimkv"].value == pytest.approx(741.6, abs=0.1) and cells["full"].value == pytest.approx(456.6, abs=0.1)
+    assert {labels[1]: cells[0].value for labels, cells in memory.rows} == {"full": 5.0, "trimkv": 3.0}

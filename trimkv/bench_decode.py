@@ -7,7 +7,7 @@ then `generate` tokens are decoded greedily by `trimkv.decode` (CUDA graphs). Pe
 - tokens/s = batch * generate / decode time (prefill excluded, as in Table 5), and the paper's number;
 - the bandwidth bound: bytes one decode step must read (every weight but the input embedding, plus the
   cache's keys, values and per-token signals over the slots attended) / the device-to-device copy
-  bandwidth measured in this run; `of_bound` = bound step time / measured step time;
+  bandwidth measured in this run; `bandwidth_fraction` = bound step time / measured step time;
 - the eviction share: one compression's time (a captured graph, timed alone) times the compressions
   done, over the decode time;
 - the same decode steps through the dynamic cache path stock `generate` uses (`dynamic_ms_per_step`, a
@@ -132,26 +132,42 @@ def run_one(model, policy: str, context: int, batch: int, generate: int, memory_
             compress_ms = _time_ms(decoder._compress_graph.replay, iters=20)
         decoder.close()
 
+    row = measurement(policy, context, batch, generate, cache.memory_size, buffer_size, cache.slots, prefill_ms,
+                      decode_ms, _step_bytes(model, cache) / bandwidth * 1e3, dynamic_ms, compress_ms, compressions,
+                      torch.cuda.max_memory_allocated())
+    row.update(compiled=compile, decode_linear=decode_linear)
+    del cache
+    return row
+
+
+def measurement(policy: str, context: int, batch: int, generate: int, memory_size: int | None, buffer_size: int,
+                slots: int, prefill_ms: float, decode_ms: float, bound_ms: float, dynamic_ms: float,
+                compress_ms: float | None, compressions: int, peak_bytes: int) -> dict:
+    """One setting's numbers, under the key names `trimkv.report.collect` reads from results/bench (BENCH_KEYS:
+    new_tokens, budget, bandwidth_fraction, peak_memory_bytes, ...), with the paper's number and the target."""
     step_ms = decode_ms / generate
-    bound_ms = _step_bytes(model, cache) / bandwidth * 1e3
-    row = {"policy": policy, "context": context, "batch": batch, "generate": generate, "compiled": compile,
-           "decode_linear": decode_linear,
-           "memory_size": memory_size if cache.memory_size is not None else None, "buffer_size": buffer_size,
-           "slots": cache.slots, "prefill_s": prefill_ms / 1e3, "decode_s": decode_ms / 1e3,
+    row = {"policy": policy, "context": context, "batch": batch, "new_tokens": generate, "budget": memory_size,
+           "buffer_size": buffer_size, "slots": slots, "prefill_s": prefill_ms / 1e3, "decode_s": decode_ms / 1e3,
            "ms_per_step": step_ms, "tokens_per_s": batch * generate / (decode_ms / 1e3),
-           "bound_ms_per_step": bound_ms, "of_bound": bound_ms / step_ms,
+           "bound_ms_per_step": bound_ms, "bandwidth_fraction": bound_ms / step_ms,
            "dynamic_ms_per_step": dynamic_ms, "speedup_over_dynamic": dynamic_ms / step_ms,
            "compress_ms": compress_ms, "compressions": compressions,
            "eviction_share": (compress_ms * compressions / decode_ms) if compress_ms else 0.0,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+           "peak_memory_bytes": peak_bytes}
     paper = PAPER.get((policy, context, batch))
     if paper:
         row["paper_tokens_per_s"], row["over_paper"] = paper, row["tokens_per_s"] / paper
     target = TARGETS.get((policy, context, batch))
     if target:
         row["target_tokens_per_s"], row["over_target"] = target, row["tokens_per_s"] / target
-    del cache
     return row
+
+
+def write_results(path: Path, rows: list[dict], **about) -> None:
+    """`--out`: {"results": rows, **about}, the form `trimkv.report.collect.load_bench` reads (results/bench/
+    <model>/metrics.json puts the rows in the report's throughput table)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**about, "results": rows}, indent=2, default=str))
 
 
 def decode(args) -> int:
@@ -170,6 +186,7 @@ def decode(args) -> int:
         for policy in args.policies:
             row = run_one(model, policy, context, batch, args.generate, args.memory_size, args.buffer_size,
                           args.prefill_chunk, bandwidth, args.dynamic_steps, args.compile, args.decode_linear)
+            row.update(model=args.architecture, device=torch.cuda.get_device_name())
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'policy':<10} {'context':>7} {'batch':>5} {'tok/s':>8} {'paper':>7} {'target':>7} {'ms/step':>8} "
@@ -177,13 +194,11 @@ def decode(args) -> int:
     for r in rows:
         print(f"{r['policy']:<10} {r['context']:>7} {r['batch']:>5} {r['tokens_per_s']:>8.1f} "
               f"{r.get('paper_tokens_per_s', float('nan')):>7.1f} {r.get('target_tokens_per_s', float('nan')):>7.0f} "
-              f"{r['ms_per_step']:>8.2f} {r['of_bound']:>8.1%} {r['eviction_share']:>6.1%} "
+              f"{r['ms_per_step']:>8.2f} {r['bandwidth_fraction']:>8.1%} {r['eviction_share']:>6.1%} "
               f"{r['speedup_over_dynamic']:>9.1f}x {'triton' if r['decode_linear'] else 'cublas':>8}")
     if args.out:
-        args.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                        "copy_bandwidth_Bps": bandwidth, "args": {k: v for k, v in vars(args).items()
-                                                                                  if k != "func"},
-                                        "rows": rows}, indent=2, default=str))
+        write_results(args.out, rows, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                      copy_bandwidth_Bps=bandwidth, args={k: v for k, v in vars(args).items() if k != "func"})
     return 0
 
 
@@ -203,5 +218,6 @@ def add_parser(sub) -> None:
                    help="torch.compile the decode step before capturing it (default: on)")
     d.add_argument("--decode-linear", action=argparse.BooleanOptionalAction, default=True,
                    help="the step's linear layers run trimkv.kernels.decode_linear instead of cuBLAS (default: on)")
-    d.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    d.add_argument("--out", type=Path, default=None,
+                   help="write the results as JSON here; as results/bench/<name>/metrics.json the report reads them")
     d.set_defaults(func=decode)
