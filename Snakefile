@@ -4,7 +4,7 @@
 import os
 
 # the conda envs install trimkv from this checkout (envs/*.yaml: -e ${TRIMKV_ROOT})
-os.environ["TRIMKV_ROOT"] = workflow.basedir
+os.environ.update(TRIMKV_ROOT=workflow.basedir)  # set, not read: no envvars directive
 
 
 if not config:  # --configfile replaces the default preset instead of merging into it

@@ -177,7 +177,7 @@ def test_every_env_pins_exact_versions_consistent_with_pyproject():
 def test_every_env_installs_this_checkout_from_where_conda_runs_pip(tmp_path):
     """Snakemake copies an env file to .snakemake/conda/<hash>.yaml and conda runs pip beside that copy, with the
     file's pip entries as a requirements file: trimkv's entry must still name this checkout from there."""
-    assert 'os.environ["TRIMKV_ROOT"] = workflow.basedir' in (ROOT / "Snakefile").read_text()
+    assert "os.environ.update(TRIMKV_ROOT=workflow.basedir)" in (ROOT / "Snakefile").read_text()
     beside = tmp_path / ".snakemake" / "conda"
     beside.mkdir(parents=True)
     for env_file in sorted((ROOT / "envs").glob("*.yaml")):
