@@ -15,6 +15,7 @@ import yaml
 from packaging.requirements import Requirement
 
 import trimkv
+from trimkv.bench_decode import ARCHITECTURES
 from trimkv.eval import BENCHMARKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +76,28 @@ def test_paper_preset_covers_every_model_benchmark_policy_and_budget():
     assert counts["train"] == counts["select"] == 3 * 7 and "validate" not in counts  # one seed each
     assert counts["fetch_dataset"] == len(config["datasets"])
     assert "synthetic_base" not in counts  # the paper preset does not merge the offline one
+    assert counts["bench_decode"] == 1  # Table 5
+
+
+def test_bench_stage_runs_table_5_and_feeds_the_report(tmp_path):
+    profile = tmp_path / "slurm"
+    profile.mkdir()
+    text = (ROOT / "profiles/slurm/config.yaml").read_text()  # conda is not installed here: no envs
+    (profile / "config.yaml").write_text(text.replace("software-deployment-method: conda", ""))
+    run = snakemake("results/tables", "--forceall", "-n", "-p", "--profile", str(profile),
+                    "--configfile", "config/paper.yaml")
+    assert run.returncode == 0, run.stderr
+    bench = yaml.safe_load((ROOT / "config/paper.yaml").read_text())["bench"]
+    (resources, command), = re.findall(r"rule bench_decode:.*?resources: ([^\n]*)\nShell command: ([^\n]*)",
+                                        run.stdout, re.DOTALL)
+    assert command.startswith(f"python -m trimkv bench decode --architecture qwen3-4b --settings "
+                              f"{' '.join(bench['settings'])} --policies {' '.join(bench['policies'])} "
+                              f"--memory-size 1024 --generate 1024 --out results/bench/qwen3-4b/metrics.json")
+    assert "gpu=1," in resources and f"runtime={bench['runtime']}," in resources
+    tables_input, = re.findall(r"rule report_tables:\n\s+input: ([^\n]*)", run.stdout)
+    assert "results/bench/qwen3-4b/metrics.json" in tables_input.split(", ")  # the tables wait for it
+    offline = snakemake("-n", "--forceall", "--quiet", "rules")
+    assert "bench_decode" not in offline.stdout  # no GPU in the offline preset
 
 
 def test_slurm_profile_takes_gpus_and_runtimes_from_the_config(tmp_path):
@@ -142,6 +165,10 @@ def test_schema_lists_exactly_the_registered_policies_and_benchmarks():
     assert sorted(schema["properties"]["policies"]["items"]["enum"]) == sorted(trimkv.POLICIES)
     ours = [name for name, cls in BENCHMARKS.items() if cls.__module__.startswith("trimkv.eval.")]  # not test ones
     assert sorted(schema["properties"]["benchmarks"]["propertyNames"]["enum"]) == sorted(ours)
+    bench = schema["properties"]["bench"]["properties"]
+    assert bench["architecture"]["enum"] == sorted(ARCHITECTURES)
+    benched = [p for p, c in trimkv.POLICIES.items() if not c.learned or p == "trimkv"]  # the bench attaches gates
+    assert sorted(bench["policies"]["items"]["enum"]) == sorted(benched)
 
 
 def pinned(env: dict) -> dict[str, str]:

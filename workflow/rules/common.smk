@@ -202,12 +202,22 @@ def config_hash() -> str:
     ).hexdigest()[:12]
 
 
+def bench_outputs() -> list[str]:
+    """The decode-throughput measurement, where the config asks for one (the paper's Table 5)."""
+    return (
+        [f"results/bench/{config['bench']['architecture']}/metrics.json"]
+        if "bench" in config
+        else []
+    )
+
+
 def all_outputs() -> list[str]:
     outputs = [f"results/gates/{m}/metrics.json" for m in MODELS]
     for policy in LEARNED:
         if policy in POLICIES:
             outputs += [f"results/{policy}/{m}/metrics.json" for m in MODELS]
     outputs += eval_cells()
+    outputs += bench_outputs()
     outputs += [
         "results/tables",
         "results/figures/budget",

@@ -4,6 +4,7 @@
 rule report_tables:
     input:
         eval_cells(),
+        bench_outputs(),
         gates=expand("results/gates/{model}/metrics.json", model=MODELS),
     output:
         tables=report(
