@@ -79,6 +79,22 @@ def test_paper_preset_covers_every_model_benchmark_policy_and_budget():
     assert counts["bench_decode"] == 1  # Table 5
 
 
+def test_base_model_revision_reaches_training(tmp_path):
+    """models.<m>.revision pins the base model: every training run of that model loads it at that revision
+    (the checkpoint records it for evaluation); other models get no --revision."""
+    config = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
+    config["models"]["qwen3-4b"]["revision"] = "0123abcd"
+    path = tmp_path / "pinned.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = snakemake("results/gates/qwen3-4b/seeds/0/metrics.json", "results/locret/qwen3-4b/seeds/0/metrics.json",
+                    "results/gates/qwen3-8b/seeds/0/metrics.json", "--forceall", "-n", "-p", "--configfile", str(path))
+    assert run.returncode == 0, run.stderr
+    commands = [c for c in re.findall(r"Shell command: ([^\n]*)", run.stdout) if " -m trimkv train " in c]
+    assert len(commands) == 3
+    for command in commands:
+        assert ("--revision 0123abcd" in command) == ("--model Qwen/Qwen3-4B " in command), command
+
+
 def test_bench_stage_runs_table_5_and_feeds_the_report(tmp_path):
     profile = tmp_path / "slurm"
     profile.mkdir()

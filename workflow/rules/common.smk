@@ -151,8 +151,11 @@ def train_launcher(wildcards) -> str:
 
 
 def train_options(model: str, section: str) -> dict:
-    """The trainer flags of a section; the seed comes from the run's {seed} wildcard."""
-    options = dict(MODELS[model][section].get("options") or {})
+    """The trainer flags of a section, after the base model's revision (models.<model>.revision, which the
+    checkpoint records and evaluation loads); the seed comes from the run's {seed} wildcard.
+    """
+    options = {"revision": MODELS[model].get("revision")}
+    options.update(MODELS[model][section].get("options") or {})
     options.pop("seed", None)
     return options
 
