@@ -95,13 +95,18 @@ def test_base_model_revision_reaches_training(tmp_path):
         assert ("--revision 0123abcd" in command) == ("--model Qwen/Qwen3-4B " in command), command
 
 
-def test_bench_stage_runs_table_5_and_feeds_the_report(tmp_path):
+def paper_on_slurm(tmp_path: Path, *targets: str) -> subprocess.CompletedProcess:
+    """Dry-run of the paper preset's targets through profiles/slurm, printing each job's resources and command
+    (without its conda envs: conda is not installed here)."""
     profile = tmp_path / "slurm"
     profile.mkdir()
-    text = (ROOT / "profiles/slurm/config.yaml").read_text()  # conda is not installed here: no envs
+    text = (ROOT / "profiles/slurm/config.yaml").read_text()
     (profile / "config.yaml").write_text(text.replace("software-deployment-method: conda", ""))
-    run = snakemake("results/tables", "--forceall", "-n", "-p", "--profile", str(profile),
-                    "--configfile", "config/paper.yaml")
+    return snakemake(*targets, "--forceall", "-n", "-p", "--profile", str(profile), "--configfile", "config/paper.yaml")
+
+
+def test_bench_stage_runs_table_5_and_feeds_the_report(tmp_path):
+    run = paper_on_slurm(tmp_path, "results/tables")
     assert run.returncode == 0, run.stderr
     bench = yaml.safe_load((ROOT / "config/paper.yaml").read_text())["bench"]
     (resources, command), = re.findall(r"rule bench_decode:.*?resources: ([^\n]*)\nShell command: ([^\n]*)",
@@ -119,13 +124,8 @@ def test_bench_stage_runs_table_5_and_feeds_the_report(tmp_path):
 def test_slurm_profile_takes_gpus_and_runtimes_from_the_config(tmp_path):
     """On the cluster a model trained on several GPUs gets them (torchrun, one process per GPU) and the time
     the config gives it; the profile sets no gpu or runtime that would override the config's."""
-    profile = tmp_path / "slurm"
-    profile.mkdir()
-    text = (ROOT / "profiles/slurm/config.yaml").read_text()  # conda is not installed here: no envs
-    (profile / "config.yaml").write_text(text.replace("software-deployment-method: conda", ""))
-    run = snakemake("results/gates/qwen3-14b/seeds/0/metrics.json", "results/gates/qwen3-4b/seeds/0/metrics.json",
-                    "results/eval/qwen3-4b/gsm8k/snapkv/128/metrics.json", "--forceall", "-n", "-p",
-                    "--profile", str(profile), "--configfile", "config/paper.yaml")
+    run = paper_on_slurm(tmp_path, "results/gates/qwen3-14b/seeds/0/metrics.json",
+                         "results/gates/qwen3-4b/seeds/0/metrics.json", "results/eval/qwen3-4b/gsm8k/snapkv/128/metrics.json")
     assert run.returncode == 0, run.stderr
     jobs = re.findall(r"resources: ([^\n]*)\nShell command: ([^\n]*)", run.stdout)  # (resources, command)
     config = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
