@@ -80,7 +80,8 @@ def _step_bytes(model, cache) -> int:
 
 
 def run_one(model, policy: str, context: int, batch: int, generate: int, memory_size: int, buffer_size: int,
-            prefill_chunk: int, bandwidth: float, dynamic_steps: int, compile: bool, decode_linear: bool) -> dict:
+            prefill_chunk: int, bandwidth: float, dynamic_steps: int, compile: bool, decode_linear: bool,
+            profile: int = 0) -> dict:
     import torch
 
     import trimkv
@@ -114,7 +115,7 @@ def run_one(model, policy: str, context: int, batch: int, generate: int, memory_
         dynamic_ms = start.elapsed_time(end) / dynamic_steps
 
         # + warm-up and capture
-        decoder = StaticDecoder(model, cache, generate + 3, graph=True, compile=compile, decode_linear=decode_linear)
+        decoder = StaticDecoder(model, cache, generate + 3 + profile, graph=True, compile=compile, decode_linear=decode_linear)
         for _ in range(decoder.warmup + 1):  # eager warm-up steps and the capture
             token = decoder.step(token).argmax(-1)
         compressions_before = decoder.compressions
@@ -126,6 +127,7 @@ def run_one(model, policy: str, context: int, batch: int, generate: int, memory_
         torch.cuda.synchronize()
         decode_ms = start.elapsed_time(end)
         compressions = decoder.compressions - compressions_before
+        kernels = profile_steps(decoder, token, profile) if profile else None
         compress_ms = None
         if decoder._compress_graph is not None:
             decoder.rows.zero_()  # the same work, nothing changed
@@ -136,8 +138,25 @@ def run_one(model, policy: str, context: int, batch: int, generate: int, memory_
                       decode_ms, _step_bytes(model, cache) / bandwidth * 1e3, dynamic_ms, compress_ms, compressions,
                       torch.cuda.max_memory_allocated())
     row.update(compiled=compile, decode_linear=decode_linear)
+    if kernels:
+        row["kernels_per_step"] = kernels
     del cache
     return row
+
+
+def profile_steps(decoder, token, steps: int) -> float:
+    """Print torch.profiler's kernel table over `steps` replays of the captured step (where a step's time goes:
+    the kernels by total GPU time, with their counts); returns the kernels launched per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            token = decoder.step(token).argmax(-1)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70), flush=True)
+    return sum(e.count for e in events) / steps
 
 
 def measurement(policy: str, context: int, batch: int, generate: int, memory_size: int | None, buffer_size: int,
@@ -185,7 +204,8 @@ def decode(args) -> int:
     for context, batch in args.settings:
         for policy in args.policies:
             row = run_one(model, policy, context, batch, args.generate, args.memory_size, args.buffer_size,
-                          args.prefill_chunk, bandwidth, args.dynamic_steps, args.compile, args.decode_linear)
+                          args.prefill_chunk, bandwidth, args.dynamic_steps, args.compile, args.decode_linear,
+                          args.profile)
             row.update(model=args.architecture, device=torch.cuda.get_device_name())
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -218,6 +238,8 @@ def add_parser(sub) -> None:
                    help="torch.compile the decode step before capturing it (default: on)")
     d.add_argument("--decode-linear", action=argparse.BooleanOptionalAction, default=True,
                    help="the step's linear layers run trimkv.kernels.decode_linear instead of cuBLAS (default: on)")
+    d.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, print torch.profiler's kernel table over this many decode steps (default 0: off)")
     d.add_argument("--out", type=Path, default=None,
                    help="write the results as JSON here; as results/bench/<name>/metrics.json the report reads them")
     d.set_defaults(func=decode)
