@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import FAMILIES
 from test_cache import gated, generate, left_padded
 
@@ -125,14 +126,102 @@ def test_continues_a_cache_that_holds_a_prefix(models):
     assert torch.equal(results[1], results[0])
 
 
-def test_a_full_cache_set_up_for_n_tokens_refuses_more(models):
+def test_a_full_cache_set_up_for_n_tokens_refuses_more_and_a_model_takes_one_decoder_at_a_time(models):
     model = models["qwen3"]
     ids, _ = left_padded([10])
     cache = trimkv.make_cache("full")
     with torch.no_grad():
         token = model(input_ids=ids, use_cache=True, past_key_values=cache).logits[:, -1].argmax(-1)
-        decoder = StaticDecoder(model, cache, max_new_tokens=3)
+        with StaticDecoder(model, cache, max_new_tokens=3) as decoder:
+            for _ in range(3):
+                token = decoder.step(token).argmax(-1)
+            with pytest.raises(RuntimeError, match="past the cache's slots"):
+                decoder.step(token)
+            other = trimkv.make_cache("full")  # a second decoder on the model while this one holds it
+            model(input_ids=ids, use_cache=True, past_key_values=other)
+            with pytest.raises(RuntimeError, match="close"):
+                StaticDecoder(model, other, max_new_tokens=1).step(token)
+
+
+SHARED = {  # per family, layer 0's layers that read one input in a decode step, in call order (the gate runs first)
+    "phi3": [["self_attn.retention_gate.linear1", "self_attn.qkv_proj"]],  # gate_up_proj is fused already
+    **{family: [["self_attn.retention_gate.linear1", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                ["mlp.gate_proj", "mlp.up_proj"]] for family in ("llama", "mistral", "qwen2", "qwen3")},
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_first_step_groups_the_layers_that_share_an_input_and_close_gives_them_back(models, family):
+    """The first step finds q, k, v and the gate's first layer (one input), and the MLP's gate and up; while
+    decoding their parameters are views of one buffer, and close() leaves every layer a plain nn.Linear with its
+    own storage, the same parameter objects and the same values."""
+    model = models[family]
+    names = {m: name for name, m in model.named_modules()}
+    params = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
+    ids, mask = left_padded([9, 7])
+    cache = trimkv.make_cache("trimkv", memory_size=6, buffer_size=2)
+    with torch.no_grad():
+        token = model(input_ids=ids, attention_mask=mask, use_cache=True, past_key_values=cache).logits[:, -1]
+        decoder = StaticDecoder(model, cache, max_new_tokens=4)
         for _ in range(3):
-            token = decoder.step(token).argmax(-1)
-        with pytest.raises(RuntimeError, match="past the cache's slots"):
-            decoder.step(token)
+            token = decoder.step(token.argmax(-1))
+    groups = [[names[m].removeprefix("model.layers.0.") for m in group.linears] for group in decoder.shared
+              if len(group.linears) > 1 and names[group.linears[0]].startswith("model.layers.0.")]
+    assert sorted(groups) == sorted(SHARED[family])
+    shared = next(g for g in decoder.shared if len(g.linears) > 1)
+    assert {m.weight.untyped_storage().data_ptr() for m in shared.linears} == {shared.weight.data_ptr()}
+    decoder.close()
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    for name, p in model.named_parameters():
+        assert p is params[name][0] and torch.equal(p, params[name][1]), name
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name  # its own storage again
+
+
+def test_shared_input_product_equals_each_layer_and_another_input_is_computed_alone():
+    """Three layers (two with a bias, one without) as one product: each gets what it computes alone. A layer
+    after the first, called on another input, computes its own product; the group keeps nothing once each layer
+    took its slice."""
+    from trimkv.decode import SharedInput, StepLinear
+
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.nn.Linear(6, n, bias=b).double() for n, b in ((4, True), (3, False), (5, True))]
+    for m in layers:
+        for p in m.parameters():
+            p.data = torch.randn(p.shape, generator=g, dtype=torch.float64)
+    x, y = torch.randn(2, 6, dtype=torch.float64, generator=g), torch.randn(2, 6, dtype=torch.float64, generator=g)
+    alone = [m(x) for m in layers]
+    shared = SharedInput(layers)
+    assert all(type(m) is StepLinear for m in layers)
+    got = [m(x) for m in layers]
+    for a, b in zip(got, alone):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert shared.input is None and shared.outputs is None
+    first = layers[0](x)
+    torch.testing.assert_close(layers[1](y), y @ layers[1].weight.T, rtol=1e-12, atol=1e-12)  # not x: its own
+    torch.testing.assert_close(layers[1](x), alone[1], rtol=1e-12, atol=1e-12)  # x: the group's slice
+    torch.testing.assert_close(first, alone[0], rtol=1e-12, atol=1e-12)
+    shared.release()
+    assert all(type(m) is torch.nn.Linear for m in layers)
+
+
+def test_shared_input_traces_whole_under_compile():
+    """torch.compile takes the grouped layers in one graph (fullgraph) and keeps no state between calls: new
+    inputs neither break the graph nor recompile it."""
+    from trimkv.decode import SharedInput
+
+    q, k, o = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(12, 3)
+    SharedInput([q, k]), SharedInput([o])
+
+    def forward(x):
+        h = x * 2
+        return o(torch.cat([q(h), k(h)], -1))
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(forward, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for seed in range(3):
+            h = 2 * torch.randn(2, 8, generator=torch.Generator().manual_seed(seed))
+            expected = F.linear(torch.cat([F.linear(h, q.weight, q.bias), h @ k.weight.T], -1), o.weight, o.bias)
+            torch.testing.assert_close(compiled(h / 2), expected)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -42,7 +42,7 @@ elif not CUDA:
 from trimkv.attention import retention_attention_reference
 from trimkv.kernels.capacity import capacity_sums
 from trimkv.kernels.decode_attention import BLOCK_N, decode_attention, splits_for
-from trimkv.kernels.decode_linear import MAX_ROWS, DecodeLinear, decode_linear, decode_linears, split_for
+from trimkv.kernels.decode_linear import MAX_ROWS, decode_linear, split_for
 from trimkv.kernels.retention_attention import retention_attention_triton
 from trimkv.train.losses import capacity_loss, log_capacity
 
@@ -331,18 +331,6 @@ def test_decode_linear_splits_by_shape():
     assert split_for(2560, 9728, 132) == 8  # down: 40 x 8
     assert split_for(151936, 2560, 132) == 1  # lm_head: 2,374 blocks
     assert split_for(40, 2100, 4) == 4
-
-
-def test_decode_linears_swaps_the_plain_linears_back():
-    """Inside the block the model's plain nn.Linear modules are DecodeLinear (the same objects and weights) and
-    compute the same outputs where the kernel does not apply (here: CPU or float32); after it, nn.Linear again."""
-    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3, bias=False))
-    x = torch.randn(2, 8)
-    before = model(x)
-    with decode_linears(model):
-        assert [type(m) for m in model] == [DecodeLinear, torch.nn.ReLU, DecodeLinear]
-        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
-    assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
 
 
 @gpu

@@ -9,7 +9,11 @@ cache path reads counts back to the host each step, so decoding a small model is
 3. one decode step (model forward with its hooks) is captured as a CUDA graph and replayed; rows that
    filled their M + buffer slots are compressed by a second captured graph. Each row gains one token a
    step, so the host knows from the prefill counts when a row fills: nothing is read back per step,
-   except the end-of-sequence check every `check_every` steps.
+   except the end-of-sequence check every `check_every` steps;
+4. the linear layers that read the same input in a step (q, k, v and the retention gate's first layer; the
+   MLP's gate and up) run as one product over their weights laid end to end (`SharedInput`): at 4-8 rows a
+   product's time is reading its weights plus a fixed cost per kernel, so one product in place of four saves
+   three fixed costs a layer. Which layers share an input is seen in the first step, not assumed per model.
 
 The tokens are those of `model.generate` with the same cache (greedy; sampled ones follow the same
 distribution), proven on tiny models by tests/test_decode.py on CPU (the same code without capture) and
@@ -18,8 +22,11 @@ on the GPU by tests/test_gpu.py.
 
 from __future__ import annotations
 
+from typing import Self
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from trimkv import kernels
 from trimkv.cache import BoundedCache
@@ -44,16 +51,128 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0,
     return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: bool) -> torch.Tensor:
+    """F.linear, or with kernel=True where it fits (at most 16 fp16/bf16 rows on a GPU)
+    `trimkv.kernels.decode_linear`."""
+    if kernel:
+        from trimkv.kernels.decode_linear import decode_linear, fits
+
+        if fits(x, weight):
+            y = decode_linear(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], -1)
+            return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+class SharedInput:
+    """Linear layers of one model that read the same input tensor in a forward, computed as one product: their
+    weights (and biases) are laid end to end in one buffer, and each layer's parameters become views of its
+    rows, so the model's values, parameters and memory stay as they were. `release` gives each layer its own
+    storage back. kernel: a product of at most 16 fp16/bf16 rows on a GPU runs `trimkv.kernels.decode_linear`."""
+
+    def __init__(self, linears: list[nn.Linear], kernel: bool = False):
+        self.linears, self.kernel = linears, kernel
+        self.sizes = [m.out_features for m in linears]
+        self.weight = self._lay_end_to_end([m.weight for m in linears])
+        biases = [m.bias for m in linears]
+        self.bias = None
+        if any(b is not None for b in biases):
+            self.bias = self._lay_end_to_end(
+                [b if b is not None else self.weight.new_zeros(n) for b, n in zip(biases, self.sizes)])
+        self.input = self.outputs = None
+        self.left = 0
+        for i, m in enumerate(linears):
+            m.__class__, m.shared, m.index = StepLinear, self, i
+
+    def _lay_end_to_end(self, params: list[torch.Tensor]) -> torch.Tensor:
+        if len(params) == 1:
+            return params[0].detach()
+        joined = torch.cat([p.detach() for p in params])
+        for p, rows in zip(params, joined.split(self.sizes)):
+            if isinstance(p, nn.Parameter):  # a bias filled in with zeros is no parameter
+                p.data = rows
+        return joined
+
+    def product(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return linear(x, self.weight, self.bias, self.kernel).split(self.sizes, -1)
+
+    def release(self) -> None:
+        for m in self.linears:
+            if len(self.linears) > 1:
+                m.weight.data = m.weight.data.clone()
+                if m.bias is not None:
+                    m.bias.data = m.bias.data.clone()
+            m.__class__ = nn.Linear
+            del m.shared, m.index
+        self.weight = self.bias = self.input = self.outputs = None
+
+
+class StepLinear(nn.Linear):
+    """The class of a decode step's `nn.Linear` layers while a `SharedInput` holds them (listed in the order the
+    step calls them): the first computes the group's product, the others take their slice of it if they are
+    called on the same input (by identity), and otherwise compute their own. Once the last took its slice the
+    group forgets the input, so under torch.compile nothing is left over between steps to guard on."""
+
+    shared: SharedInput
+    index: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.shared
+        if self.index == 0:
+            s.input, s.outputs, s.left = x, s.product(x), len(s.sizes)
+        elif s.input is not x:
+            return linear(x, self.weight, self.bias, s.kernel)
+        y = s.outputs[self.index]
+        s.left -= 1
+        if s.left == 0:
+            s.input = s.outputs = None
+        return y
+
+
+def shared_inputs(model: nn.Module, forward) -> tuple[object, list[list[nn.Linear]]]:
+    """Run forward() once and see which plain `nn.Linear` layers of model read the same input tensor: returns
+    forward's result and the groups, each in call order (the gate's linear1 with q, k and v; the MLP's gate and
+    up; every other layer alone). A layer called more than once or never, or whose weight differs in dtype,
+    width or device from its group's first, stays alone."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    inputs: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in linears}  # held, so no id is reused
+    called: list[nn.Module] = []
+
+    def record(m, args):
+        inputs[m].append(args[0])
+        called.append(m)
+
+    hooks = [m.register_forward_pre_hook(record) for m in linears]
+    try:
+        result = forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    by_input: dict[int, list[nn.Linear]] = {}
+    groups = []
+    for m in dict.fromkeys(called + linears):  # in call order, then the layers never called
+        group = by_input.setdefault(id(inputs[m][0]), []) if len(inputs[m]) == 1 else []
+        first = group[0] if group else m
+        if (m.weight.dtype, m.in_features, m.weight.device) == (first.weight.dtype, first.in_features,
+                                                                first.weight.device) and m.weight.is_contiguous():
+            group.append(m)
+            if len(group) == 1:
+                groups.append(group)
+        else:
+            groups.append([m])
+    return result, groups
+
+
 class StaticDecoder:
     """Drives a prefilled `BoundedCache` in static decode; `step(tokens)` returns next-token logits.
 
     graph=True captures the step (and compression) as CUDA graphs after `warmup` eager steps.
     compile=True first compiles the step with `torch.compile` (hooks and cache included, one graph): the
     ~70 small kernels of a layer's norms, rotary embedding, gate and cache update fuse into a few, which is
-    what a captured step of a small-batch decode spends most of its time on. decode_linear (with graph=True on
-    a GPU): the step's linear layers (fp16/bf16, at most 16 rows) run `trimkv.kernels.decode_linear` instead
-    of cuBLAS, which reads the weights at about half the copy bandwidth at so few rows (docs/benchmarks.md:
-    3.5% more tokens/s at 32K x 4 on an H100, 0.4% at 16K x 8).
+    what a captured step of a small-batch decode spends most of its time on. The first step runs plain and finds
+    the linear layers that share an input (`shared_inputs`); later steps run each group as one product
+    (`SharedInput`), and `close` gives the layers back as they were. decode_linear (with graph=True on a GPU):
+    the products of the step (fp16/bf16, at most 16 rows) run `trimkv.kernels.decode_linear` instead of cuBLAS,
+    which reads the weights at about half the copy bandwidth at so few rows (docs/benchmarks.md).
     """
 
     def __init__(self, model: nn.Module, cache: BoundedCache, max_new_tokens: int, graph: bool = False,
@@ -72,14 +191,15 @@ class StaticDecoder:
         self._step_graph = self._compress_graph = None
         self.logits: torch.Tensor | None = None
         self.compressions = 0
+        self.shared: list[SharedInput] | None = None  # set by the first step
 
-    def _step_forward(self) -> torch.Tensor:
-        if not self.decode_linear:
-            return self._run()
-        from trimkv.kernels.decode_linear import decode_linears
-
-        with decode_linears(self.model):  # the step's products at <= 16 rows: cuBLAS reads weights at ~half speed
-            return self._run()
+    def _first_forward(self) -> torch.Tensor:
+        if any(type(m) is StepLinear for m in self.model.modules()):  # its graphs would read our layers' buffers
+            raise RuntimeError("another StaticDecoder holds this model's linear layers: close() it first (or use "
+                               "`with StaticDecoder(...) as decoder:`)")
+        logits, groups = shared_inputs(self.model, self._forward)
+        self.shared = [SharedInput(group, kernel=self.decode_linear) for group in groups]
+        return logits
 
     def _forward(self) -> torch.Tensor:
         out = self.model(input_ids=self.tokens, position_ids=self.cache.seen[:, None].clone(), use_cache=True,
@@ -99,7 +219,7 @@ class StaticDecoder:
         pool = torch.cuda.graph_pool_handle()
         self._step_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._step_graph, pool=pool):
-            self.logits = self._step_forward()
+            self.logits = self._run()
         if self.full_at is not None:
             self.rows.zero_()
             self._on_side_stream(lambda: self.cache.compress_full_rows(self.rows))  # a no-op: warm-up
@@ -115,12 +235,13 @@ class StaticDecoder:
         self.tokens.copy_(tokens.view(-1, 1))
         if self._step_graph is None and self.graph and self.steps >= self.warmup:
             self._capture()  # capture records without running: the replay below runs this step
+        run = self._first_forward if self.shared is None else self._run
         if self._step_graph is not None:
             self._step_graph.replay()
         elif self.graph:
-            self.logits = self._on_side_stream(self._step_forward)
+            self.logits = self._on_side_stream(run)
         else:
-            self.logits = self._run()
+            self.logits = run()
         self.cache.seen_total += 1  # host bookkeeping a replay does not do
         self.steps += 1
         self.counts = [c + 1 for c in self.counts]
@@ -136,9 +257,19 @@ class StaticDecoder:
                 self.counts = [self.cache.memory_size if f else c for c, f in zip(self.counts, full)]
         return self.logits
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
+        """End static decode: the cache goes back to the dynamic path and the model's layers to what they were."""
         self.cache.end_static_decode()
         self._step_graph = self._compress_graph = None
+        for group in self.shared or []:
+            group.release()
+        self.shared = None
 
 
 @torch.no_grad()

@@ -11,19 +11,16 @@ sum into the next operation): the same bits on every run.
     decode_linear(x (M, K), weight (N, K)) -> (M, N), M <= MAX_ROWS, x's dtype (fp16 / bf16)
 
 The kernel is the custom op `trimkv::decode_linear_partials`, so `torch.compile` and CUDA graphs take it whole;
-`DecodeLinear` is the `nn.Linear` that calls it (swapped in for the captured decode step by `trimkv.decode`).
+`trimkv.decode.StepLinear` calls it for the captured decode step's linear layers.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 
 import torch
 import triton
 import triton.language as tl
-from torch import nn
-from torch.nn import functional as F
 
 MAX_ROWS = 16  # tl.dot's smallest tile: every row count up to it costs the same
 BLOCK_N = 64  # output columns per thread block
@@ -119,27 +116,3 @@ def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `decode_linear` takes this product: a CUDA fp16/bf16 input of at most MAX_ROWS rows."""
     return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dtype == weight.dtype
             and x.shape[:-1].numel() <= MAX_ROWS)
-
-
-class DecodeLinear(nn.Linear):
-    """`nn.Linear` whose products over at most MAX_ROWS rows run `decode_linear`; any other input, F.linear."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not fits(x, self.weight):
-            return F.linear(x, self.weight, self.bias)
-        y = decode_linear(x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
-
-
-@contextmanager
-def decode_linears(model: nn.Module):
-    """Inside the block every plain `nn.Linear` of model is a `DecodeLinear` (its class swapped; the weights and
-    the modules stay the same objects)."""
-    swapped = [m for m in model.modules() if type(m) is nn.Linear]
-    for m in swapped:
-        m.__class__ = DecodeLinear
-    try:
-        yield
-    finally:
-        for m in swapped:
-            m.__class__ = nn.Linear
