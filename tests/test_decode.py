@@ -198,7 +198,7 @@ def test_shared_input_product_equals_each_layer_and_another_input_is_computed_al
     assert shared.input is None and shared.outputs is None
     first = layers[0](x)
     torch.testing.assert_close(layers[1](y), y @ layers[1].weight.T, rtol=1e-12, atol=1e-12)  # not x: its own
-    torch.testing.assert_close(layers[1](x), alone[1], rtol=1e-12, atol=1e-12)  # x: the group's slice
+    torch.testing.assert_close(layers[1](input=x), alone[1], rtol=1e-12, atol=1e-12)  # x: the group's slice
     torch.testing.assert_close(first, alone[0], rtol=1e-12, atol=1e-12)
     shared.release()
     assert all(type(m) is torch.nn.Linear for m in layers)

@@ -115,12 +115,12 @@ class StepLinear(nn.Linear):
     shared: SharedInput
     index: int
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Linear's argument name, for keyword calls
         s = self.shared
         if self.index == 0:
-            s.input, s.outputs, s.left = x, s.product(x), len(s.sizes)
-        elif s.input is not x:
-            return linear(x, self.weight, self.bias, s.kernel)
+            s.input, s.outputs, s.left = input, s.product(input), len(s.sizes)
+        elif s.input is not input:
+            return linear(input, self.weight, self.bias, s.kernel)
         y = s.outputs[self.index]
         s.left -= 1
         if s.left == 0:
@@ -138,7 +138,7 @@ def shared_inputs(model: nn.Module, forward) -> tuple[object, list[list[nn.Linea
     called: list[nn.Module] = []
 
     def record(m, args):
-        inputs[m].append(args[0])
+        inputs[m].append(args[0] if args else object())  # called by keyword: shares with nothing
         called.append(m)
 
     hooks = [m.register_forward_pre_hook(record) for m in linears]
