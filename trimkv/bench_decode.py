@@ -115,7 +115,8 @@ def run_one(model, policy: str, context: int, batch: int, generate: int, memory_
         dynamic_ms = start.elapsed_time(end) / dynamic_steps
 
         # + warm-up and capture
-        decoder = StaticDecoder(model, cache, generate + 3 + profile, graph=True, compile=compile, decode_linear=decode_linear)
+        decoder = StaticDecoder(model, cache, generate + 3 + profile, graph=True, compile=compile,
+                                decode_linear=decode_linear)
         for _ in range(decoder.warmup + 1):  # eager warm-up steps and the capture
             token = decoder.step(token).argmax(-1)
         compressions_before = decoder.compressions
@@ -154,9 +155,9 @@ def profile_steps(decoder, token, steps: int) -> float:
         for _ in range(steps):
             token = decoder.step(token).argmax(-1)
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70), flush=True)
-    return sum(e.count for e in events) / steps
+    events = prof.key_averages()
+    print(events.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70), flush=True)
+    return sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / steps
 
 
 def measurement(policy: str, context: int, batch: int, generate: int, memory_size: int | None, buffer_size: int,
@@ -239,7 +240,8 @@ def add_parser(sub) -> None:
     d.add_argument("--decode-linear", action=argparse.BooleanOptionalAction, default=True,
                    help="the step's linear layers run trimkv.kernels.decode_linear instead of cuBLAS (default: on)")
     d.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                   help="after timing, print torch.profiler's kernel table over this many decode steps (default 0: off)")
+                   help="after timing, print torch.profiler's kernel table over this many decode steps "
+                        "(default 0: off)")
     d.add_argument("--out", type=Path, default=None,
                    help="write the results as JSON here; as results/bench/<name>/metrics.json the report reads them")
     d.set_defaults(func=decode)

@@ -79,7 +79,6 @@ class SharedInput:
             self.bias = self._lay_end_to_end(
                 [b if b is not None else self.weight.new_zeros(n) for b, n in zip(biases, self.sizes)])
         self.input = self.outputs = None
-        self.left = 0
         for i, m in enumerate(linears):
             m.__class__, m.shared, m.index = StepLinear, self, i
 
@@ -118,12 +117,11 @@ class StepLinear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Linear's argument name, for keyword calls
         s = self.shared
         if self.index == 0:
-            s.input, s.outputs, s.left = input, s.product(input), len(s.sizes)
+            s.input, s.outputs = input, s.product(input)
         elif s.input is not input:
             return linear(input, self.weight, self.bias, s.kernel)
         y = s.outputs[self.index]
-        s.left -= 1
-        if s.left == 0:
+        if self.index == len(s.sizes) - 1:
             s.input = s.outputs = None
         return y
 
