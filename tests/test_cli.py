@@ -75,3 +75,33 @@ def test_bench_attention_backends_option(capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "attention", "--backends", "triton"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_kernels_times_the_products_of_a_qwen3_4b_step(capsys):
+    """`bench kernels` times the products a step of the benchmarked model runs, the layers that share an input as
+    one: its shapes are those of the model's own layers (built on the meta device), gates attached."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import trimkv
+    from trimkv.bench_decode import ARCHITECTURES
+    from trimkv.bench_kernels import product_shapes
+    from trimkv.cli import build_parser
+
+    spec = dict(ARCHITECTURES["qwen3-4b"])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        trimkv.attach_gates(model, trimkv.GateConfig())
+    layer = model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv_gate = (attn.q_proj, attn.k_proj, attn.v_proj, attn.retention_gate.linear1)
+    assert product_shapes("qwen3-4b") == [
+        ("qkv+gate", sum(m.out_features for m in qkv_gate), attn.q_proj.in_features),
+        ("o_proj", *attn.o_proj.weight.shape), ("gate+up", mlp.gate_proj.out_features * 2, mlp.gate_proj.in_features),
+        ("down_proj", *mlp.down_proj.weight.shape), ("lm_head", *model.lm_head.weight.shape)]
+    args = build_parser().parse_args(["bench", "kernels", "--rows", "4", "--sweep"])
+    assert args.rows == [4] and args.sweep and args.slots == 1024 + 128
+    if not torch.cuda.is_available():
+        assert main(["bench", "kernels"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -6,6 +6,9 @@ it fits in memory) against SDPA's flash backend (FlashAttention-2) without the r
 dispatch and the cuDNN and memory-efficient backends are timed too), at Qwen3-1.7B head shapes, bf16;
 target: Triton <= 1.3x SDPA. Errors against the fp32 reference: the output's last rows at every length, every
 gradient up to --reference-max. Also the capacity sums S_t of one layer, fwd+bwd: Triton vs FlexAttention.
+
+bench decode: decode tokens/s with the bounded cache (the paper's Table 5), trimkv/bench_decode.py.
+bench kernels: the decode step's products and attention alone vs cuBLAS and SDPA, trimkv/bench_kernels.py.
 """
 
 from __future__ import annotations
@@ -158,9 +161,10 @@ def add_parser(subparsers) -> None:
                    help="query rows (the last ones) whose output is checked against the fp32 reference")
     a.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     a.set_defaults(func=attention)
-    from trimkv import bench_decode
+    from trimkv import bench_decode, bench_kernels
 
     bench_decode.add_parser(sub)
+    bench_kernels.add_parser(sub)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import triton.language as tl
 
 BLOCK_N = 64  # slots per inner iteration
 TARGET_PROGRAMS = 512  # enough thread blocks to spread one step's K/V reads over every SM
+NUM_WARPS, NUM_STAGES = 4, 2
 
 
 @triton.jit
@@ -120,7 +121,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), m.stride(0), m.stride(1) if per_head else 0,
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, D_PAD=d_pad, BLOCK=BLOCK_N, PER_HEAD_MASK=per_head,
-        IEEE=query.dtype == torch.float32, num_warps=4, num_stages=2)
+        IEEE=query.dtype == torch.float32, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     out = torch.empty(B, Hq, 1, D, device=query.device, dtype=query.dtype)
     _merge_kernel[(B * Hq,)](part, lse, out, n_splits, D=D, D_PAD=d_pad, S_PAD=triton.next_power_of_2(n_splits),
                              num_warps=4)

@@ -25,14 +25,14 @@ import triton.language as tl
 MAX_ROWS = 16  # tl.dot's smallest tile: every row count up to it costs the same
 BLOCK_N = 64  # output columns per thread block
 PROGRAMS = 4  # thread blocks per SM to aim for: enough loads in flight, and a short last wave
+MIN_SLICE = 512  # the narrowest slice of the inner dimension a thread block takes (two of the widest BLOCK_K)
 
 
 def split_for(N: int, K: int, sms: int) -> int:
     """Slices of the inner dimension: a power of two that brings the column blocks up to PROGRAMS per SM, each
-    slice at least 512 wide (two of the widest BLOCK_K). Chosen on the host from the shapes, so the partial sums'
-    shape is static."""
+    slice at least MIN_SLICE wide. Chosen on the host from the shapes, so the partial sums' shape is static."""
     split, blocks = 1, triton.cdiv(N, BLOCK_N)
-    while blocks * split * 2 <= PROGRAMS * sms and K // (split * 2) >= 512:
+    while blocks * split * 2 <= PROGRAMS * sms and K // (split * 2) >= MIN_SLICE:
         split *= 2
     return split
 
