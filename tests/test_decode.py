@@ -225,3 +225,21 @@ def test_shared_input_traces_whole_under_compile():
             expected = F.linear(torch.cat([F.linear(h, q.weight, q.bias), h @ k.weight.T], -1), o.weight, o.bias)
             torch.testing.assert_close(compiled(h / 2), expected)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_tiny_product_is_a_sum_that_gives_the_linear_layer():
+    """With kernel=True a weight of at most TINY_WEIGHT elements (the gate's second layer) is computed as a sum of
+    products in fp32, which compile fuses into what came before: it gives F.linear's values, with and without a
+    bias, in the input's dtype."""
+    from trimkv.decode import TINY_WEIGHT, linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 512, generator=g, dtype=torch.float64)
+    w, b = torch.randn(8, 512, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)
+    assert w.numel() <= TINY_WEIGHT
+    torch.testing.assert_close(linear(x, w, b, kernel=True), F.linear(x, w, b), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(linear(x, w, None, kernel=True), F.linear(x, w), rtol=1e-6, atol=1e-5)
+    half = linear(x.bfloat16(), w.bfloat16(), None, kernel=True)
+    assert half.dtype == torch.bfloat16 and half.shape == (4, 1, 8)
+    torch.testing.assert_close(half.double(), F.linear(x.bfloat16().double(), w.bfloat16().double()), rtol=1e-2,
+                               atol=5e-2)

@@ -51,9 +51,18 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0,
     return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
 
 
+TINY_WEIGHT = 1 << 16  # elements: a product this small (the gate's second layer) is a sum, not a matrix kernel
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: bool) -> torch.Tensor:
     """F.linear, or with kernel=True where it fits (at most 16 fp16/bf16 rows on a GPU)
-    `trimkv.kernels.decode_linear`."""
+    `trimkv.kernels.decode_linear`. With kernel=True a weight of at most TINY_WEIGHT elements is a sum of products
+    in fp32 instead, which torch.compile fuses into the operation that made x: the gate's second layer
+    (n_kv_heads x 512) then costs no kernel of its own, where a matrix kernel would cost ~3 us a layer, nearly
+    all of it fixed cost."""
+    if kernel and weight.numel() <= TINY_WEIGHT:
+        y = (x.unsqueeze(-2).float() * weight.float()).sum(-1).to(x.dtype)
+        return y if bias is None else y + bias
     if kernel:
         from trimkv.kernels.decode_linear import decode_linear, fits
 
