@@ -322,14 +322,15 @@ def test_decode_linear_under_compile():
 
 
 def test_decode_linear_splits_by_shape():
-    """Hand-counted on an H200 (132 SMs, up to 528 blocks): column blocks of 64, doubled splits while the blocks
-    fit and each slice of K keeps >= 512; and the interpreter's 4 "SMs" split the K = 2,100 case above in four."""
-    assert split_for(4096, 2560, 132) == 4  # q_proj: 64 blocks x 4
-    assert split_for(1024, 2560, 132) == 4  # k_proj, v_proj: 16 blocks x 4 (640-wide slices)
-    assert split_for(2560, 4096, 132) == 8  # o_proj: 40 x 8
-    assert split_for(9728, 2560, 132) == 2  # gate, up: 152 x 2 (x 4 would be 608 > 528)
-    assert split_for(2560, 9728, 132) == 8  # down: 40 x 8
-    assert split_for(151936, 2560, 132) == 1  # lm_head: 2,374 blocks
+    """Hand-counted for a 132-SM H100 or H200 (up to 528 blocks): column blocks of 32, doubled splits while the
+    blocks fit and each slice of K keeps >= 512; and the interpreter's 4 "SMs" split the K = 2,100 case above in
+    four."""
+    assert split_for(4096, 2560, 132) == 4  # q_proj: 128 blocks x 4
+    assert split_for(1024, 2560, 132) == 4  # k_proj, v_proj: 32 blocks x 4 (640-wide slices; x 8 would be 320)
+    assert split_for(2560, 4096, 132) == 4  # o_proj: 80 x 4 (x 8 would be 640 > 528)
+    assert split_for(9728, 2560, 132) == 1  # gate, up: 304 blocks (x 2 would be 608)
+    assert split_for(2560, 9728, 132) == 4  # down: 80 x 4
+    assert split_for(151936, 2560, 132) == 1  # lm_head: 4,748 blocks
     assert split_for(40, 2100, 4) == 4
 
 

@@ -194,7 +194,8 @@ def add_parser(sub) -> None:
     from trimkv.bench_decode import ARCHITECTURES
 
     k = sub.add_parser("kernels", help="decode_linear and decode_attention alone vs cuBLAS and SDPA (--sweep: "
-                       "their launch constants)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       "their launch constants)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     k.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="qwen3-4b")
     k.add_argument("--rows", type=int, nargs="+", default=[4, 8], help="rows of a step, the batch (default 4 8)")
     k.add_argument("--slots", type=int, default=1152, help="slots attended: M + buffer (default 1024 + 128)")
