@@ -179,7 +179,8 @@ class StaticDecoder:
     the linear layers that share an input (`shared_inputs`); later steps run each group as one product
     (`SharedInput`), and `close` gives the layers back as they were. decode_linear (with graph=True on a GPU):
     the products of the step (fp16/bf16, at most 16 rows) run `trimkv.kernels.decode_linear` instead of cuBLAS,
-    which reads the weights at about half the copy bandwidth at so few rows (docs/benchmarks.md).
+    which reads the weights at 81-82% of the copy bandwidth at so few rows against the kernel's 87-88% (H100,
+    docs/benchmarks.md), and the smallest (the gate's second layer) become sums that compile fuses (`linear`).
     """
 
     def __init__(self, model: nn.Module, cache: BoundedCache, max_new_tokens: int, graph: bool = False,
