@@ -102,11 +102,18 @@ def _(x, weight):
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (M, K) W^T (N, K) -> (M, N) in x's dtype (fp16/bf16), M <= MAX_ROWS; the partial sums added in a fixed
-    order, so the same bits on every run. Under `torch.compile` the sum is left to inductor (it fuses it into the
-    next operation); run eagerly, one kernel adds and casts."""
+    order, so the same bits on every run, compiled or not. Under `torch.compile` the sum is left to inductor (it
+    fuses it into the next operation); run eagerly, one kernel adds and casts."""
     part = decode_linear_partials(x, weight)
     if torch.compiler.is_compiling():
-        return part.sum(0).to(x.dtype)
+        # added one by one, in the eager kernel's order: pointwise, so inductor fuses the sum into the next kernel
+        # even where that one reduces (RMSNorm after o_proj and down_proj). part.sum(0) is a reduction, which
+        # inductor unrolls like this only below 8 splits (unroll_reductions_threshold); from 8 on it ran as a
+        # kernel of its own after every such product (72 a step at Qwen3-4B's split of 8, BLOCK_N 64)
+        y = part[0]
+        for s in range(1, part.shape[0]):
+            y = y + part[s]
+        return y.to(x.dtype)
     y = torch.empty(part.shape[1:], device=x.device, dtype=x.dtype)
     _sum_kernel[(triton.cdiv(y.numel(), 1024),)](part, y, y.numel(), SPLIT_K=part.shape[0], BLOCK=1024)
     return y
