@@ -3,10 +3,11 @@
 A decode step at batch 4-8 multiplies 4-8 rows by every weight matrix: the time is reading the weights. A matrix
 with few output columns (o_proj, down_proj: 2,560) gives cuBLAS too few thread blocks to keep every SM reading:
 at Qwen3-4B's shapes on an H100 it reads o_proj at 58% of the copy bandwidth and a step's products at 81-82%,
-where this kernel reads them at 72% and 87-88% (`python -m trimkv bench kernels`, docs/benchmarks.md). Here each thread block takes BLOCK_N output columns and every
-SPLIT_K-th BLOCK_K-wide slice of the inner dimension, so a step's product spreads over hundreds of blocks; the
-SPLIT_K partial sums (fp32) are added in a fixed order afterwards (by the caller, where `torch.compile` fuses the
-sum into the next operation): the same bits on every run.
+where this kernel reads them at 72% and 87-88% (`python -m trimkv bench kernels`, docs/benchmarks.md). Here
+each thread block takes BLOCK_N output columns and every SPLIT_K-th BLOCK_K-wide slice of the inner dimension, so
+a step's product spreads over hundreds of blocks; the SPLIT_K partial sums (fp32) are added in a fixed order
+afterwards (by the caller, where `torch.compile` fuses the sum into the next operation): the same bits on every
+run.
 
     decode_linear(x (M, K), weight (N, K)) -> (M, N), M <= MAX_ROWS, x's dtype (fp16 / bf16)
 
