@@ -57,12 +57,9 @@ def graph_ms(fn, reps: int = 20) -> float:
     also autotune) and replayed reps times."""
     import torch
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
+    from trimkv.decode import on_side_stream
+
+    on_side_stream(lambda: (fn(), fn()))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
@@ -91,7 +88,7 @@ def time_products(product, shapes, weights, head, inputs, rows: int, bandwidth: 
     ms = graph_ms(partial(product, x, head))
     per["lm_head"] = dict(us=ms * 1e3, of_bandwidth=head.numel() * 2 / bandwidth / (ms / 1e3))
     step = [(inputs[rows, w.shape[1]], w) for ws in weights for w in ws] + [(x, head)]
-    ms = graph_ms(lambda: [product(x, w) for x, w in step])
+    ms = graph_ms(lambda: [product(a, w) for a, w in step])
     nbytes = sum(w.numel() * w.element_size() for _, w in step)
     return dict(step_ms=ms, of_bandwidth=nbytes / bandwidth / (ms / 1e3), per_shape=per)
 

@@ -54,6 +54,16 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0,
 TINY_WEIGHT = 1 << 16  # elements: a product this small (the gate's second layer) is a sum, not a matrix kernel
 
 
+def on_side_stream(fn):
+    """Run fn on a side stream, as CUDA-graph capture wants its warm-up runs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        result = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return result
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: bool) -> torch.Tensor:
     """F.linear, or with kernel=True where it fits (at most 16 fp16/bf16 rows on a GPU)
     `trimkv.kernels.decode_linear`. With kernel=True a weight of at most TINY_WEIGHT elements is a sum of products
@@ -214,15 +224,6 @@ class StaticDecoder:
                          **{self.cache_kwarg: self.cache})
         return out.logits[:, -1]
 
-    def _on_side_stream(self, fn):
-        """Run fn on a side stream, as CUDA-graph capture wants its warm-up runs."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            result = fn()
-        torch.cuda.current_stream().wait_stream(side)
-        return result
-
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         self._step_graph = torch.cuda.CUDAGraph()
@@ -230,7 +231,7 @@ class StaticDecoder:
             self.logits = self._run()
         if self.full_at is not None:
             self.rows.zero_()
-            self._on_side_stream(lambda: self.cache.compress_full_rows(self.rows))  # a no-op: warm-up
+            on_side_stream(lambda: self.cache.compress_full_rows(self.rows))  # a no-op: warm-up
             self._compress_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._compress_graph, pool=pool):
                 self.cache.compress_full_rows(self.rows)
@@ -247,7 +248,7 @@ class StaticDecoder:
         if self._step_graph is not None:
             self._step_graph.replay()
         elif self.graph:
-            self.logits = self._on_side_stream(run)
+            self.logits = on_side_stream(run)
         else:
             self.logits = run()
         self.cache.seen_total += 1  # host bookkeeping a replay does not do
