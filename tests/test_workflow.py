@@ -168,6 +168,9 @@ def bad_config(tmp_path: Path, edit) -> subprocess.CompletedProcess:
     (lambda c: c["benchmarks"]["synthetic"].update(models=["nope"]), "nope"),
     (lambda c: c["models"]["synthetic-tiny"].pop("select"), "select"),
     (lambda c: c["models"]["synthetic-tiny"]["locret"]["options"].update(seed=3), "seed"),
+    # an options block's keys are the flags of the command it feeds
+    (lambda c: c["models"]["synthetic-tiny"]["gates"]["options"].update(gate_bias=8.0), "--gate-bias"),
+    (lambda c: c["eval"].update(bufer_size=8), "--bufer-size"),
 ])
 def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, edit, named):
     run = bad_config(tmp_path, edit)

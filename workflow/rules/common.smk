@@ -1,4 +1,7 @@
 # Config validation first (a bad config fails before any job starts), then the input functions.
+import argparse
+
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 validate(config, "../schemas/config.schema.yaml")
@@ -58,6 +61,61 @@ def _check_names():
 
 
 _check_names()
+
+
+def _check_flags():
+    """Every key of an options block must be a flag of the command it feeds, so that a typo fails here and not
+    when that job starts, hours into a run. Only in the main process (each job reads the Snakefile again) and
+    only where trimkv imports (a bare Snakemake env, its jobs in conda envs, checks nothing).
+    """
+    if not workflow.is_main_process:
+        return
+    try:
+        from trimkv.cli import build_parser
+    except ImportError as e:
+        logger.warning(f"options blocks not checked against the CLI: {e}")
+        return
+
+    cli = build_parser()
+
+    def flags(*command):
+        parser = cli
+        for name in command:
+            sub = next(
+                a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+            )
+            parser = sub.choices[name]
+        return {s for a in parser._actions for s in a.option_strings}
+
+    synthetic = config.get("synthetic", {})
+    blocks = {
+        ("synthetic", "generate"): {"synthetic.task": synthetic.get("task")},
+        ("synthetic", "pretrain"): {"synthetic.pretrain": synthetic.get("pretrain")},
+        ("train",): {
+            f"models.{name}.{section}.options": model[section].get("options")
+            for name, model in MODELS.items()
+            for section in LEARNED_SECTIONS
+            if section in model
+        },
+        ("eval",): {"eval": config.get("eval")}
+        | {
+            f"benchmarks.{b}.options": spec.get("options")
+            for b, spec in BENCHMARKS.items()
+        },
+    }
+    for command, options in blocks.items():
+        known = flags(*command)
+        for where, block in options.items():
+            for key in block or {}:
+                flag = f"--{key.replace('_', '-')}"
+                if flag not in known:
+                    raise ValueError(
+                        f"config: {where}.{key}: `python -m trimkv {' '.join(command)}` has no flag"
+                        f" {flag} (see its --help)"
+                    )
+
+
+_check_flags()
 
 
 def cli_options(options: dict) -> str:
