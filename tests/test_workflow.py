@@ -81,18 +81,42 @@ def test_paper_preset_covers_every_model_benchmark_policy_and_budget():
 
 def test_base_model_revision_reaches_training(tmp_path):
     """models.<m>.revision pins the base model: every training run of that model loads it at that revision
-    (the checkpoint records it for evaluation); other models get no --revision."""
+    (the checkpoint records it for evaluation), and so does a rule-based policy's evaluation, which loads the
+    base model itself; other models get no --revision."""
     config = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
     config["models"]["qwen3-4b"]["revision"] = "0123abcd"
     path = tmp_path / "pinned.yaml"
     path.write_text(yaml.safe_dump(config))
     run = snakemake("results/gates/qwen3-4b/seeds/0/metrics.json", "results/locret/qwen3-4b/seeds/0/metrics.json",
-                    "results/gates/qwen3-8b/seeds/0/metrics.json", "--forceall", "-n", "-p", "--configfile", str(path))
+                    "results/gates/qwen3-8b/seeds/0/metrics.json",
+                    "results/eval/qwen3-4b/gsm8k/snapkv/128/metrics.json",
+                    "results/eval/qwen3-8b/gsm8k/full/full/metrics.json",
+                    "--forceall", "-n", "-p", "--configfile", str(path))
     assert run.returncode == 0, run.stderr
-    commands = [c for c in re.findall(r"Shell command: ([^\n]*)", run.stdout) if " -m trimkv train " in c]
-    assert len(commands) == 3
+    commands = [c for c in re.findall(r"Shell command: ([^\n]*)", run.stdout)
+                if re.search(" -m trimkv (train|eval) ", c)]
+    assert len(commands) == 5
     for command in commands:
         assert ("--revision 0123abcd" in command) == ("--model Qwen/Qwen3-4B " in command), command
+
+
+def test_rule_based_cells_load_the_base_model_and_wait_for_no_training():
+    """A cell of a policy without learned parts evaluates the base model itself: it needs no training run, so it
+    runs beside training and survives a retrain. Learned policies load their kept runs."""
+    run = snakemake("-n", "--forceall", "-p", *(f"results/eval/synthetic-tiny/synthetic/{p}/16/metrics.json"
+                                                 for p in ("snapkv", "streaming")),
+                    "results/eval/synthetic-tiny/synthetic/full/full/metrics.json")
+    assert run.returncode == 0, run.stderr
+    assert job_counts(run.stdout) == {"synthetic_task": 1, "synthetic_base": 1, "evaluate": 3, "total": 5}
+    for policy in ("snapkv", "streaming", "full"):
+        assert f"eval --model results/base/synthetic --benchmark synthetic --data-dir resources/data/synthetic " \
+               f"--policy {policy} " in run.stdout
+    learned = snakemake("-n", "--forceall", "-p", *(f"results/eval/synthetic-tiny/synthetic/{p}/16/metrics.json"
+                                                    for p in ("locret", "seerattn_r")))
+    assert learned.returncode == 0, learned.stderr
+    for policy in ("locret", "seerattn_r"):
+        assert f"eval --model results/{policy}/synthetic-tiny --benchmark synthetic" in learned.stdout
+        assert f"--out results/{policy}/synthetic-tiny/seeds/0 " in learned.stdout
 
 
 def paper_on_slurm(tmp_path: Path, *targets: str) -> subprocess.CompletedProcess:

@@ -173,13 +173,24 @@ def train_data_files(wildcards) -> list[str]:
 
 
 def learned_dir(model: str, policy: str) -> str:
-    """What an evaluation loads: a learned baseline's own run for its policy, the TRIM-KV gates otherwise."""
+    """The kept training run a learned policy loads: TRIM-KV's gates or a learned baseline's own run."""
     return f"results/{policy if policy in LEARNED else 'gates'}/{model}"
 
 
-def learned_config(wildcards) -> str:
-    """The file that marks the kept training run of what `learned_dir` loads."""
-    return f"{learned_dir(wildcards.model, wildcards.policy)}/metrics.json"
+def eval_model(wildcards) -> str:
+    """What an evaluation loads: a learned policy's kept run, or for a rule-based policy the base model itself,
+    so that those cells wait for no training and a retrained gate leaves them valid."""
+    if wildcards.policy in LEARNED_SECTIONS.values():
+        return learned_dir(wildcards.model, wildcards.policy)
+    revision = MODELS[wildcards.model].get("revision")
+    return base_model(wildcards.model) + (f" --revision {revision}" if revision else "")
+
+
+def eval_model_input(wildcards) -> list[str]:
+    """The file that marks what `eval_model` loads: the kept run's metrics, or the pipeline's own base model."""
+    if wildcards.policy in LEARNED_SECTIONS.values():
+        return [f"{learned_dir(wildcards.model, wildcards.policy)}/metrics.json"]
+    return base_model_input(wildcards)
 
 
 def seeds(model: str, section: str) -> list[int]:

@@ -3,7 +3,7 @@
 
 rule evaluate:
     input:
-        learned=learned_config,
+        model=eval_model_input,
         data=eval_data,
     output:
         metrics="results/eval/{model}/{benchmark}/{policy}/{budget}/metrics.json",
@@ -19,7 +19,7 @@ rule evaluate:
         gpu=lambda wc: config.get("eval_gpus", 0),
         runtime=lambda wc: BENCHMARKS[wc.benchmark].get("runtime", 60),
     params:
-        model=lambda wc: learned_dir(wc.model, wc.policy),
+        model=eval_model,
         budget=lambda wc: "" if wc.budget == "full" else f"--budget {wc.budget}",
         options=lambda wc: eval_options(wc.benchmark),
     shell:
