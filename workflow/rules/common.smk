@@ -14,6 +14,8 @@ UNBOUNDED = {"full"}  # policies evaluated once, without a budget
 # trainer's --method). The learned baselines need a models.<model>.<policy> section when in `policies`.
 LEARNED_SECTIONS = {"gates": "trimkv", "locret": "locret", "seerattn_r": "seerattn_r"}
 SECTION_PATTERN = "|".join(LEARNED_SECTIONS)
+# The policies that load a training run; the rest evaluate the base model itself.
+LEARNED_POLICIES = set(LEARNED_SECTIONS.values())
 LEARNED = [
     s for s in LEARNED_SECTIONS if s != "gates"
 ]  # the baselines' sections, named as their policies
@@ -63,6 +65,11 @@ def _check_names():
 _check_names()
 
 
+def cli_flag(key: str) -> str:
+    """An options key as the flag it becomes: grad_accum -> --grad-accum."""
+    return f"--{key.replace('_', '-')}"
+
+
 def _check_flags():
     """Every key of an options block must be a flag of the command it feeds, so that a typo fails here and not
     when that job starts, hours into a run. Only in the main process (each job reads the Snakefile again) and
@@ -107,7 +114,7 @@ def _check_flags():
         known = flags(*command)
         for where, block in options.items():
             for key in block or {}:
-                flag = f"--{key.replace('_', '-')}"
+                flag = cli_flag(key)
                 if flag not in known:
                     raise ValueError(
                         f"config: {where}.{key}: `python -m trimkv {' '.join(command)}` has no flag"
@@ -122,7 +129,7 @@ def cli_options(options: dict) -> str:
     """{"lr": 1e-3, "pack": True} -> "--lr 0.001 --pack": config dicts become CLI flags."""
     flags = []
     for key, value in (options or {}).items():
-        flag = f"--{key.replace('_', '-')}"
+        flag = cli_flag(key)
         if value is True:
             flags.append(flag)
         elif value is not False and value is not None:
@@ -180,15 +187,21 @@ def learned_dir(model: str, policy: str) -> str:
 def eval_model(wildcards) -> str:
     """What an evaluation loads: a learned policy's kept run, or for a rule-based policy the base model itself,
     so that those cells wait for no training and a retrained gate leaves them valid."""
-    if wildcards.policy in LEARNED_SECTIONS.values():
+    if wildcards.policy in LEARNED_POLICIES:
         return learned_dir(wildcards.model, wildcards.policy)
-    revision = MODELS[wildcards.model].get("revision")
-    return base_model(wildcards.model) + (f" --revision {revision}" if revision else "")
+    return base_model(wildcards.model)
+
+
+def eval_revision(wildcards) -> str:
+    """--revision of the base model an evaluation loads itself (a kept run records its base model's own)."""
+    if wildcards.policy in LEARNED_POLICIES:
+        return ""
+    return cli_options({"revision": MODELS[wildcards.model].get("revision")})
 
 
 def eval_model_input(wildcards) -> list[str]:
     """The file that marks what `eval_model` loads: the kept run's metrics, or the pipeline's own base model."""
-    if wildcards.policy in LEARNED_SECTIONS.values():
+    if wildcards.policy in LEARNED_POLICIES:
         return [f"{learned_dir(wildcards.model, wildcards.policy)}/metrics.json"]
     return base_model_input(wildcards)
 

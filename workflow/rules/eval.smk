@@ -20,10 +20,11 @@ rule evaluate:
         runtime=lambda wc: BENCHMARKS[wc.benchmark].get("runtime", 60),
     params:
         model=eval_model,
+        revision=eval_revision,
         budget=lambda wc: "" if wc.budget == "full" else f"--budget {wc.budget}",
         options=lambda wc: eval_options(wc.benchmark),
     shell:
         "python -m trimkv eval --model {params.model} --benchmark {wildcards.benchmark}"
         " --data-dir resources/data/{wildcards.benchmark} --policy {wildcards.policy} {params.budget}"
         " --out results/eval/{wildcards.model}/{wildcards.benchmark}/{wildcards.policy}/{wildcards.budget}"
-        " --no-progress {params.options} 2> {log}"
+        " --no-progress {params.options} {params.revision} 2> {log}"
